@@ -1,0 +1,28 @@
+"""The sections of a megagym run configuration and how they nest.
+
+Owns: the top-level `RunConfig` that `megagym train` reads from YAML. Each section's dataclass
+lives next to the code that uses it (`megagym/<package>/config.py`) and is only assembled here.
+Must not: import anything heavy (torch, vLLM, megatron): config modules are plain dataclasses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RunSection:
+    """Where a run writes and how it is seeded."""
+
+    name: str = "run"
+    output_dir: str = "runs/run"
+    seed: int = 1234
+
+
+@dataclass
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    # Sections are added here as the packages that own them land:
+    #   server  -> megagym.server.config.ServerConfig
+    #   gym / rollout -> megagym.gym.config / megagym.rollout.config
+    #   model / parallel / optim / grpo / checkpoint -> megagym.trainer.config

@@ -1,0 +1,1 @@
+"""Helpers shared by tests and benchmarks (tiny random checkpoints). Never used by a real run."""

@@ -1,0 +1,59 @@
+"""Config loading: YAML + dotted overrides into typed sections, with named errors."""
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import pytest
+
+from megagym.config import ConfigError, build, load
+from megagym.config.schema import RunConfig
+
+
+@dataclass
+class Inner:
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    mode: Literal["sync", "async"] = "sync"
+    urls: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Outer:
+    name: str = "x"
+    steps: int = 1
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("name: demo\ninner:\n  temperature: 0.7\n")
+    cfg = load(Outer, p, ["steps=5", "inner.urls=[a, b]", "inner.mode=async", "inner.top_k=3"])
+    assert cfg.name == "demo" and cfg.steps == 5
+    assert cfg.inner.temperature == pytest.approx(0.7)
+    assert cfg.inner.urls == ["a", "b"] and cfg.inner.mode == "async" and cfg.inner.top_k == 3
+
+
+def test_unknown_key_names_key_and_closest():
+    with pytest.raises(ConfigError, match=r"unknown key 'inner.temprature'; did you mean 'temperature'"):
+        build(Outer, {"inner": {"temprature": 1.0}})
+    with pytest.raises(ConfigError, match=r"unknown key 'stepz'; did you mean 'steps'"):
+        load(Outer, None, ["stepz=3"])
+
+
+def test_wrong_types_name_the_field():
+    with pytest.raises(ConfigError, match=r"steps: expected an integer"):
+        build(Outer, {"steps": "many"})
+    with pytest.raises(ConfigError, match=r"inner.mode: 'fast' is not one of"):
+        build(Outer, {"inner": {"mode": "fast"}})
+    with pytest.raises(ConfigError, match=r"inner: expected a section"):
+        build(Outer, {"inner": 3})
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="key=value"):
+        load(Outer, None, ["steps"])
+
+
+def test_run_config_defaults():
+    cfg = build(RunConfig, {"run": {"name": "t"}})
+    assert cfg.run.name == "t"
