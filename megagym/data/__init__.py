@@ -1,0 +1,1 @@
+"""Datasets: Gym JSONL rows (`dataset.py`) and preparation from public sources (`prepare.py`)."""
