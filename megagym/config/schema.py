@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megagym.trainer.config import CheckpointConfig, GRPOConfig, ModelConfig, OptimConfig, ParallelConfig
+
 
 @dataclass
 class RunSection:
@@ -22,7 +24,11 @@ class RunSection:
 @dataclass
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     # Sections are added here as the packages that own them land:
     #   server  -> megagym.server.config.ServerConfig
     #   gym / rollout -> megagym.gym.config / megagym.rollout.config
-    #   model / parallel / optim / grpo / checkpoint -> megagym.trainer.config

@@ -1,0 +1,239 @@
+"""The trainer API the GRPO loop calls: a Megatron-Core policy built from an HF checkpoint.
+
+    policy = Policy.build(cfg)                        # cfg: megagym.config.schema.RunConfig
+    lps  = policy.compute_logprobs(samples)           # list[Tensor[len(s.token_ids)]] on rank 0
+    m    = policy.train_step(samples, old_logprobs=None, ref_logprobs=None)  # dict[str, float]
+    for bucket in policy.export_hf_buckets(bucket_bytes): ...  # list[(hf_name, Tensor)] on rank 0
+    policy.save(ckpt_dir, extra_state={...}); extra = policy.load(ckpt_dir)
+    policy.step                                        # optimizer steps taken
+
+Distribution: every trainer rank runs the loop script under torchrun; rank 0 drives (talks to
+the rollout side) and passes the real `samples` list; the other ranks call the same methods in
+the same order with `samples=None`. Each call first broadcasts rank 0's arguments to all ranks
+(`broadcast_object_list` over the default group: gloo on CPU). Every method is collective.
+Return values that carry data (`compute_logprobs`, the export iterators) are meaningful on rank 0
+only; `train_step` metrics are the same on every rank.
+
+Logprob alignment: `compute_logprobs` returns, per sample, a tensor as long as `token_ids` whose
+entry t is log p(token_ids[t] | token_ids[:t]) at the GRPO temperature (entry 0 is 0.0), i.e.
+aligned with `Sample.gen_logprobs`; `old_logprobs` / `ref_logprobs` passed to `train_step` use
+the same layout. `Sample.advantage` must be set (see `advantages.assign_advantages`).
+Must not: talk to vLLM, Gym or the network; hold rollout logic.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from megagym.trainer import logprobs as lp_mod
+from megagym.trainer.loss import grpo_token_loss, k3
+from megagym.trainer.model import HFArch, build_gpt_model, padded_vocab_size
+from megagym.trainer.parallel import broadcast_object, init_distributed
+from megagym.trainer.step import (build_micro_batch, empty_micro_batch, plan_micro_batches, run_schedule,
+                                  split_over_dp, to_device)
+
+_METRICS = ("loss_sum", "tokens", "clipped", "entropy", "gen_abs_diff", "gen_k3", "is_weight", "kl")
+
+
+class Policy:
+    def __init__(self, cfg, arch: HFArch, model, optimizer, scheduler, padded_vocab: int) -> None:
+        self.cfg = cfg
+        self.arch = arch
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.padded_vocab = padded_vocab
+        self.step = 0
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def build(cls, cfg) -> "Policy":
+        """Init distributed state, build the model, load `cfg.model.hf_path`, wrap DDP + optimizer."""
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+        from megagym.weights.load import load_hf_into_model
+
+        if not cfg.model.hf_path:
+            raise ValueError("model.hf_path is empty: point it at an HF checkpoint folder")
+        init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.parallel.backend,
+                         cfg.parallel.timeout_minutes, seed=cfg.run.seed)
+        dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+        arch = HFArch.from_dir(cfg.model.hf_path)
+        padded = padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by,
+                                   cfg.parallel.tensor_parallel)
+        gpt = build_gpt_model(arch, dtype, cfg.model.layer_spec, cfg.model.make_vocab_size_divisible_by)
+        load_hf_into_model(gpt, cfg.model.hf_path, arch, padded)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            use_distributed_optimizer=cfg.optim.distributed_optimizer)
+        model = DistributedDataParallel(config=gpt.config, ddp_config=ddp_config, module=gpt)
+        gpt.config.finalize_model_grads_func = finalize_model_grads
+        optimizer, scheduler = build_optimizer(cfg.optim, model, dtype)
+        return cls(cfg, arch, model, optimizer, scheduler, padded)
+
+    # ------------------------------------------------------------------ helpers
+    def _groups(self):
+        from megatron.core import parallel_state as ps
+
+        return ps
+
+    def _my_micro_batches(self, token_ids, loss_masks, per_token, per_sample) -> list:
+        ps = self._groups()
+        lengths = [max(len(t) - 1, 1) for t in token_ids]
+        shares = split_over_dp(lengths, ps.get_data_parallel_world_size())
+        mine = shares[ps.get_data_parallel_rank()]
+        groups = plan_micro_batches(mine, lengths, self.cfg.optim.micro_batch_tokens)
+        mbs = [build_micro_batch(g, token_ids, loss_masks, per_token, per_sample) for g in groups]
+        return mbs or [empty_micro_batch(list(per_token) + list(per_sample))]
+
+    def _device(self):
+        return next(self.model.parameters()).device
+
+    def _reports(self) -> bool:
+        """This rank contributes metric sums (last pipeline stage, TP rank 0)."""
+        ps = self._groups()
+        return ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+
+    # ------------------------------------------------------------------ API
+    @torch.no_grad()
+    def compute_logprobs(self, samples: Optional[list] = None) -> Optional[list[torch.Tensor]]:
+        """No-grad logprobs of every token of every sample (collective); the list on rank 0."""
+        samples = broadcast_object(samples)
+        n = len(samples)
+        token_ids = [s.token_ids for s in samples]
+        mbs = self._my_micro_batches(token_ids, [[1] * len(t) for t in token_ids], {}, {})
+        out: dict[int, torch.Tensor] = {}
+        T, V = self.cfg.grpo.temperature, self.arch.vocab_size
+        device = self._device()
+
+        def collect(logits, mb):
+            lp = lp_mod.token_logprobs(logits, mb.targets.to(device), T, V).float().cpu()
+            for row, sid in enumerate(mb.sample_ids):
+                if sid >= 0:
+                    full = torch.zeros(len(token_ids[sid]))
+                    full[1:] = lp[row, : len(token_ids[sid]) - 1]
+                    out[sid] = full
+            return lp.new_zeros(()), torch.zeros((), dtype=torch.int)
+
+        self.model.eval()
+        run_schedule(self.model, mbs, collect, forward_only=True)
+        self.model.train()
+        mine = out if self._reports() else {}
+        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(mine, gathered, dst=0)
+        if dist.get_rank() != 0:
+            return None
+        merged: dict[int, torch.Tensor] = {}
+        for part in gathered:
+            merged.update(part)
+        return [merged[i] for i in range(n)]
+
+    def train_step(self, samples: Optional[list] = None, old_logprobs: Optional[list] = None,
+                   ref_logprobs: Optional[list] = None) -> dict[str, float]:
+        """One optimizer step of GRPO on `samples` (the global batch); metrics as plain floats."""
+        samples, old_logprobs, ref_logprobs = broadcast_object((samples, old_logprobs, ref_logprobs))
+        g = self.cfg.grpo
+        if g.kl_coef > 0 and ref_logprobs is None:
+            raise ValueError("grpo.kl_coef > 0 needs ref_logprobs")
+        token_ids = [s.token_ids for s in samples]
+        per_token = {"gen": [s.gen_logprobs for s in samples]}
+        if old_logprobs is not None:
+            per_token["old"] = old_logprobs
+        if ref_logprobs is not None:
+            per_token["ref"] = ref_logprobs
+        mbs = self._my_micro_batches(token_ids, [s.loss_mask for s in samples], per_token,
+                                     {"adv": [s.advantage for s in samples]})
+        device = self._device()
+        sums = torch.zeros(len(_METRICS), dtype=torch.float64)
+        reports = self._reports()
+        T, V = g.temperature, self.arch.vocab_size
+
+        def loss_fn(logits, mb):
+            mb = to_device(mb, device)
+            logp = lp_mod.token_logprobs(logits, mb.targets, T, V)
+            old = mb.extras["old"] if "old" in mb.extras else logp.detach()
+            tl = grpo_token_loss(logp, old, mb.extras["gen"], mb.extras["adv"], g.clip_low, g.clip_high,
+                                 g.tis_threshold, g.kl_coef, mb.extras.get("ref"))
+            m = mb.mask
+            loss_sum = (tl.loss * m).sum()
+            ent = lp_mod.entropy(logits, T, V)
+            if reports:
+                with torch.no_grad():
+                    kl = (k3(mb.extras["ref"], logp) * m).sum() if "ref" in mb.extras else m.new_zeros(())
+                    vals = [loss_sum, m.sum(), tl.clipped * m, ent * m, tl.gen_abs_diff * m, tl.gen_k3 * m,
+                            tl.is_weight * m, kl]
+                    sums.add_(torch.stack([v.detach().sum().double().cpu() for v in vals]))
+            return loss_sum, m.sum().int()
+
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        run_schedule(self.model, mbs, loss_fn, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        self.step += 1
+        dist.all_reduce(sums)  # only reporting ranks hold non-zero sums
+        tok = max(float(sums[1]), 1.0)
+        metrics = {name: float(sums[i]) / tok for i, name in enumerate(_METRICS) if name not in ("loss_sum", "tokens")}
+        metrics.update(
+            loss=float(sums[0]) / tok,
+            tokens=float(sums[1]),
+            clip_fraction=metrics.pop("clipped"),
+            grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
+            lr=float(self.optimizer.param_groups[0]["lr"]),
+            step=float(self.step),
+            update_ok=float(bool(ok)),
+        )
+        return metrics
+
+    def export_hf(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full HF-named tensors (collective; yields on rank 0 only). See megagym.weights.export."""
+        from megagym.weights.export import iter_hf_tensors
+
+        return iter_hf_tensors(self.model, self.arch, self.padded_vocab)
+
+    def export_hf_buckets(self, bucket_bytes: int = 256 << 20) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        from megagym.weights.export import iter_hf_buckets
+
+        return iter_hf_buckets(self.model, self.arch, self.padded_vocab, bucket_bytes)
+
+    def save(self, directory: str | Path, extra_state: Optional[dict] = None) -> Path:
+        """Atomic distributed checkpoint of model, optimizer, scheduler, RNG, step and `extra_state`."""
+        from megagym.trainer.checkpoint import save_checkpoint
+
+        return save_checkpoint(self, Path(directory), extra_state or {})
+
+    def load(self, directory: str | Path) -> dict:
+        """Restore everything `save` wrote; returns its `extra_state` (e.g. the data position)."""
+        from megagym.trainer.checkpoint import load_checkpoint
+
+        return load_checkpoint(self, Path(directory))
+
+
+def build_optimizer(optim, model, dtype):
+    """Megatron's optimizer (Adam with decoupled weight decay, distributed if configured) + LR schedule."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    oc = OptimizerConfig(
+        optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad, bf16=dtype == torch.bfloat16, params_dtype=dtype,
+        use_distributed_optimizer=optim.distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(oc, [model])
+    decay_steps = max(optim.total_steps, optim.warmup_steps + 1)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if optim.warmup_steps else optim.lr, max_lr=optim.lr,
+        min_lr=min(optim.min_lr, optim.lr) if optim.lr_decay != "constant" else optim.lr,
+        lr_warmup_steps=optim.warmup_steps, lr_decay_steps=decay_steps, lr_decay_style=optim.lr_decay,
+        start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=decay_steps,
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
