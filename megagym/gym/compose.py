@@ -1,0 +1,202 @@
+"""Compose the `gym env start` command of a run from megagym's `env:` section.
+
+Owns: turning a `GymConfig` plus the policy servers' URLs into a `LaunchPlan` — the Gym config
+files in order (each environment's, then the policy model's training config, then one generated
+overrides file), the overrides (per-environment, then run-wide, then what megagym injects:
+`policy_base_url` list, `policy_model_name`, `policy_api_key`, head-server address, port range,
+`skip_venv_if_present` + `uv_venv_dir`), the environment variables and the working directory.
+Also prepares the venv links Gym looks up (`<uv_venv_dir>/<type>/<name>/.venv`), all pointing
+at the one prepared `.venv-gym`, so starting Gym installs nothing.
+Must not: start processes (that is `process.py`) or import nemo_gym.
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from megagym.config.loader import ConfigError
+from megagym.gym.config import EnvironmentSpec, GymConfig, resolve_environments, resolve_path
+
+SERVER_TYPES = ("resources_servers", "responses_api_agents", "responses_api_models", "environment_servers")
+RUN_MARKER_ENV = "MEGAGYM_GYM_RUN"  # inherited by every process of a Gym stack (Ray workers too)
+
+
+@dataclass
+class LaunchPlan:
+    argv: list[str]
+    env: dict[str, str]  # added to os.environ for the child
+    cwd: Path
+    run_dir: Path
+    run_id: str
+    head_url: str
+    config_paths: list[Path]
+    overrides: dict
+    environments: dict[str, EnvironmentSpec]
+    overrides_file: Path
+    log_file: Path
+    venv_links: Path
+    extra_roots: list[Path] = field(default_factory=list)
+
+    @property
+    def agent_to_env(self) -> dict[str, str]:
+        return {spec.agent: name for name, spec in self.environments.items()}
+
+
+def gym_install_root(venv: str | Path) -> Path:
+    """site-packages of Gym's venv (where nemo_gym and the built-in servers live)."""
+    venv_path = resolve_path(str(venv))
+    hits = sorted(venv_path.glob("lib/python3*/site-packages/nemo_gym/__init__.py"))
+    if not hits:
+        raise ConfigError(
+            f"env.venv: no nemo_gym under {venv_path} — build Gym's venv with "
+            "`bash scripts/setup_gym.sh` (the README's setup command runs it)"
+        )
+    return hits[-1].parent.parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _find_gym_config(rel: str, env_name: str, roots: list[Path], gym_root: Path) -> Path:
+    if rel.startswith("gym:"):
+        p = resolve_path(rel, gym_root)
+        searched = [p]
+    else:
+        p0 = Path(rel).expanduser()
+        searched = [p0] if p0.is_absolute() else [r / p0 for r in [*roots, gym_root]]
+        p = next((c for c in searched if c.is_file()), searched[0])
+    if not p.is_file():
+        where = "\n".join(f"  - {c}" for c in searched)
+        raise ConfigError(f"environment '{env_name}': Gym config '{rel}' not found; looked in:\n{where}")
+    return p.resolve()
+
+
+def link_venvs(links_dir: Path, venv: Path, roots: list[Path]) -> None:
+    """`links_dir/<type>/<name>/.venv -> venv` for every Gym server folder under `roots`."""
+    for root in roots:
+        for stype in SERVER_TYPES:
+            base = root / stype
+            if not base.is_dir():
+                continue
+            for d in base.iterdir():
+                if not ((d / "requirements.txt").exists() or (d / "pyproject.toml").exists()):
+                    continue
+                link = links_dir / stype / d.name / ".venv"
+                link.parent.mkdir(parents=True, exist_ok=True)
+                if link.is_symlink() or link.exists():
+                    if link.resolve() == venv.resolve():
+                        continue
+                    link.unlink()
+                link.symlink_to(venv.resolve(), target_is_directory=True)
+
+
+def compose(
+    cfg: GymConfig,
+    policy_base_urls: list[str] | None = None,
+    policy_model_name: str | None = None,
+    run_dir: str | Path | None = None,
+    write: bool = True,
+) -> LaunchPlan:
+    """Build the launch plan of a Gym stack (and, with `write`, its overrides file and venv links)."""
+    urls = list(policy_base_urls if policy_base_urls is not None else cfg.policy_base_urls)
+    if not urls:
+        raise ConfigError(
+            "env.policy_base_urls is empty: Gym needs the policy servers' URLs "
+            "(e.g. env.policy_base_urls=[http://127.0.0.1:8000/v1])"
+        )
+    model_name = policy_model_name or cfg.policy_model_name
+    if not model_name:
+        raise ConfigError("env.policy_model_name is empty: name the model the policy servers serve")
+    envs = resolve_environments(cfg)
+    venv = resolve_path(cfg.venv)
+    gym_root = gym_install_root(venv)
+    gym_bin = venv / "bin" / "gym"
+    if not gym_bin.exists():
+        raise ConfigError(f"env.venv: {gym_bin} is missing (rebuild with scripts/setup_gym.sh)")
+
+    roots: list[Path] = []
+    for spec in envs.values():
+        for r in spec.extra_roots:
+            p = resolve_path(r)
+            if not p.is_dir():
+                raise ConfigError(f"extra_roots: folder {r} ({p}) does not exist")
+            if p not in roots:
+                roots.append(p)
+
+    config_paths: list[Path] = []
+    overrides: dict = {}
+    for name, spec in envs.items():
+        for rel in spec.gym_configs:
+            path = _find_gym_config(rel, name, roots, gym_root)
+            if path not in config_paths:
+                config_paths.append(path)
+        overrides = deep_merge(overrides, spec.overrides)
+    policy_cfg = _find_gym_config(cfg.policy_config, "policy", roots, gym_root)
+    if policy_cfg not in config_paths:
+        config_paths.append(policy_cfg)
+    overrides = deep_merge(overrides, cfg.overrides)
+
+    run_id = uuid.uuid4().hex[:12]
+    rd = Path(run_dir) if run_dir else resolve_path(cfg.run_dir or "runs/gym")
+    rd = rd.resolve()
+    head_port = cfg.head_port or free_port(cfg.host)
+    links = rd / "venvs"
+    injected = {
+        "policy_base_url": urls,
+        "policy_model_name": model_name,
+        "policy_api_key": cfg.policy_api_key,
+        "head_server": {"host": cfg.host, "port": head_port},
+        "default_host": cfg.host,
+        "port_range_low": cfg.port_range_low,
+        "port_range_high": cfg.port_range_high,
+        "skip_venv_if_present": True,
+        "uv_venv_dir": str(links),
+        "server_spinup_timeout_seconds": cfg.start_timeout_s,
+        "model_endpoint_readiness_timeout_seconds": cfg.policy_readiness_timeout_s,
+        "results_dir": str(rd / "results"),
+        "cache_dir": str(rd / "cache"),
+    }
+    overrides = deep_merge(overrides, injected)
+    overrides_file = rd / "megagym_gym_overrides.yaml"
+
+    argv = [str(gym_bin), "env", "start"]
+    for p in [*config_paths, overrides_file]:
+        argv += ["--config", str(p)]
+    env = {
+        RUN_MARKER_ENV: run_id,
+        "PYTHONUNBUFFERED": "1",
+        "NEMO_GYM_EXTRA_ROOTS": ":".join(str(r) for r in roots),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    plan = LaunchPlan(
+        argv=argv, env=env, cwd=rd, run_dir=rd, run_id=run_id,
+        head_url=f"http://{cfg.host}:{head_port}", config_paths=config_paths, overrides=overrides,
+        environments=envs, overrides_file=overrides_file, log_file=rd / "gym.log",
+        venv_links=links, extra_roots=roots,
+    )
+    if write:
+        rd.mkdir(parents=True, exist_ok=True)
+        overrides_file.write_text(
+            "# Written by megagym (megagym/gym/compose.py): merged last over the Gym configs.\n"
+            + yaml.safe_dump(overrides, sort_keys=False)
+        )
+        link_venvs(links, venv, [*roots, gym_root])
+    return plan
