@@ -68,7 +68,7 @@ class DemoServer:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGINT)  # uvicorn shuts the engine down in the lifespan
             try:
-                self.proc.wait(30)
+                self.proc.wait(12)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
