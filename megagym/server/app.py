@@ -1,0 +1,349 @@
+"""The policy server's FastAPI app: OpenAI-compatible chat completions with exact token information.
+
+Owns: the HTTP surface — `POST /v1/chat/completions`, `POST /tokenize`, `GET /v1/models`,
+`GET /health` — request → prompt ids (tokens.py, off the event loop) → sampling guard
+(sampling.py) → engine (engine.py) → OpenAI-schema response with `prompt_token_ids`,
+`generation_token_ids`, `generation_log_probs` on each choice's message, tool calls and reasoning
+parsed by vLLM's own parsers, and the weight version on every response (body field
+`weight_version` and header `x-weight-version`). Every refusal is a 4xx naming the field.
+Must not: hold engine or weight-update logic (engine.py), or implement the token fix (tokens.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+import uuid
+from contextlib import asynccontextmanager
+from types import SimpleNamespace
+from typing import Any, Awaitable, Callable
+
+import pydantic_core
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+
+from megagym.server.config import ServerConfig
+from megagym.server.protocol import (
+    ChatCompletionRequest,
+    TokenizeChatRequest,
+    TokenizeTextRequest,
+    describe_validation_errors,
+    error_body,
+)
+from megagym.server.sampling import RequestError, check_sampling, max_new_tokens
+from megagym.server.tokens import ChatTokenizer, TokenFixError
+
+log = logging.getLogger("megagym.server")
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf; vLLM uses the same floor
+
+
+def json_response(body: Any, status: int = 200, weight_version: int | None = None) -> Response:
+    headers = {"x-weight-version": str(weight_version)} if weight_version is not None else None
+    return Response(pydantic_core.to_json(body), status_code=status, media_type="application/json", headers=headers)
+
+
+def error_response(message: str, status: int = 400, param: str | None = None) -> Response:
+    return json_response(error_body(message, status=status, param=param), status)
+
+
+class ClientGone(Exception):
+    pass
+
+
+class Parsers:
+    """vLLM's tool-call and reasoning parsers, built once (reasoning: once per template kwargs)."""
+
+    def __init__(self, cfg: ServerConfig, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.tool = None
+        self.reasoning_name = cfg.reasoning_parser
+        self._reasoning: dict[str, Any] = {}
+        if cfg.tool_parser:
+            from vllm.tool_parsers import ToolParserManager
+
+            self.tool = ToolParserManager.get_tool_parser(cfg.tool_parser)(tokenizer)
+        if cfg.reasoning_parser:
+            self.reasoning_for({})  # fail at start-up on a bad name, not on the first request
+
+    def reasoning_for(self, template_kwargs: dict) -> Any:
+        key = repr(sorted(template_kwargs.items()))
+        if key not in self._reasoning:
+            from vllm.reasoning import ReasoningParserManager
+
+            cls = ReasoningParserManager.get_reasoning_parser(self.reasoning_name)
+            self._reasoning[key] = cls(self.tokenizer, chat_template_kwargs=dict(template_kwargs))
+        return self._reasoning[key]
+
+
+async def _wait_disconnect(raw: Request) -> None:
+    while True:
+        message = await raw.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _unless_disconnected(raw: Request, work: Awaitable[Any], on_gone: Callable[[], Awaitable[None]]) -> Any:
+    """Run `work`; if the client disconnects first, cancel it (which aborts the engine request)."""
+    task = asyncio.ensure_future(work)
+    listener = asyncio.ensure_future(_wait_disconnect(raw))
+    try:
+        done, _ = await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        await on_gone()
+        raise
+    finally:
+        listener.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    await on_gone()
+    raise ClientGone()
+
+
+def create_app(cfg: ServerConfig, *, engine_factory: Callable[[ServerConfig], Awaitable[Any]] | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        from transformers import AutoTokenizer
+
+        from megagym.server.engine import Engine
+
+        engine = await (engine_factory or Engine.start)(cfg)
+        try:
+            tok = await asyncio.to_thread(AutoTokenizer.from_pretrained, cfg.model)
+            stop_ids = _as_list(getattr(engine.llm.model_config.hf_config, "eos_token_id", None))
+            stop_ids += _generation_eos(cfg.model)
+            app.state.engine = engine
+            app.state.chat = ChatTokenizer(tok, default_template_kwargs=cfg.chat_template_kwargs, stop_ids=stop_ids)
+            app.state.parsers = Parsers(cfg, tok)
+            app.state.started = time.time()
+            log.info("policy server ready: model=%s max_model_len=%d", cfg.model_name, engine.max_model_len)
+            yield
+        finally:
+            await engine.shutdown()
+
+    app = FastAPI(title="megagym policy server", lifespan=lifespan)
+    app.state.cfg = cfg
+
+    @app.middleware("http")
+    async def auth(request: Request, call_next):
+        if cfg.api_key and request.url.path != "/health":
+            header = request.headers.get("authorization", "")
+            if not secrets.compare_digest(header.encode(), f"Bearer {cfg.api_key}".encode()):
+                return error_response("authorization: missing or wrong bearer API key", 401, "authorization")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(_: Request, exc: RequestValidationError):
+        message, param = describe_validation_errors(exc.errors())
+        return error_response(message, 400, param)
+
+    @app.exception_handler(RequestError)
+    async def on_request_error(_: Request, exc: RequestError):
+        return error_response(str(exc), exc.status, exc.param)
+
+    @app.exception_handler(TokenFixError)
+    async def on_token_error(_: Request, exc: TokenFixError):
+        return error_response(str(exc), 400, "messages")
+
+    @app.get("/health")
+    async def health(request: Request):
+        engine = request.app.state.engine
+        ok = engine.healthy
+        body = {"status": "ok" if ok else "engine dead", "weight_version": engine.weight_version,
+                "updating_weights": engine.updating, "model": cfg.model_name}
+        return json_response(body, 200 if ok else 503, engine.weight_version)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        engine = request.app.state.engine
+        card = {"id": cfg.model_name, "object": "model", "created": int(request.app.state.started),
+                "owned_by": "megagym", "root": cfg.model, "max_model_len": engine.max_model_len}
+        return json_response({"object": "list", "data": [card]}, 200, engine.weight_version)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        body = await _json_body(request)
+        chat: ChatTokenizer = request.app.state.chat
+        if isinstance(body, dict) and "prompt" in body and "messages" not in body:
+            req = _parse(TokenizeTextRequest, body)
+            ids = await asyncio.to_thread(
+                lambda: list(chat.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens))
+            )
+        else:
+            req = _parse(TokenizeChatRequest, body)
+            prompt = await asyncio.to_thread(_prompt_ids, chat, req, cfg)
+            ids = prompt.token_ids
+        max_len = request.app.state.engine.max_model_len
+        return json_response({"count": len(ids), "max_model_len": max_len, "tokens": ids, "token_strs": None})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = _parse(ChatCompletionRequest, await _json_body(request))
+        state = request.app.state
+        engine = state.engine
+        if req.model is not None and req.model not in (cfg.model_name, cfg.model):
+            raise RequestError(f"model: {req.model!r} is not served here; this server serves {cfg.model_name!r}", "model")
+        sampling = check_sampling(req, cfg)
+        sampling.setdefault("logprobs", 0)  # token information is always computed (one log-softmax per step)
+        prompt = await asyncio.to_thread(_prompt_ids, state.chat, req, cfg)
+        ids = prompt.token_ids
+        if ids and (min(ids[: prompt.prefix_len] or [0]) < 0 or max(ids[: prompt.prefix_len] or [0]) >= engine.vocab_size):
+            raise RequestError(f"messages: token fields hold ids outside the vocabulary [0, {engine.vocab_size})", "messages")
+        max_tokens = max_new_tokens(req, len(ids), state.engine.max_model_len)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        try:
+            final = await _unless_disconnected(
+                request, engine.generate(ids, sampling, max_tokens, request_id), lambda: engine.abort(request_id)
+            )
+        except ClientGone:
+            return error_response("client disconnected", 499)
+        except ValueError as e:  # inputs the engine refuses (vLLM validation)
+            raise RequestError(f"messages: the engine refused the prompt: {e}", "messages") from None
+        except Exception as e:
+            if not engine.healthy:
+                return error_response(f"engine is dead: {e}", 503)
+            raise
+        body = _chat_response(req, final, ids, request_id, state, cfg)
+        return json_response(body, 200, engine.weight_version)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(_: Request, exc: Exception):
+        log.exception("unexpected error")
+        return error_response(f"internal error: {type(exc).__name__}: {exc}", 500)
+
+    for target in cfg.extensions:
+        _load_extension(str(target))(app)
+    return app
+
+
+def _load_extension(target: str) -> Callable[[FastAPI], Any]:
+    import importlib
+
+    module_name, _, func_name = target.partition(":")
+    if not func_name:
+        raise ValueError(f"extensions: {target!r} must look like 'package.module:function'")
+    return getattr(importlib.import_module(module_name), func_name)
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+async def _json_body(request: Request) -> Any:
+    import json
+
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RequestError(f"body: invalid JSON ({e})", "body") from None
+
+
+def _parse(model: type, body: Any):
+    if not isinstance(body, dict):
+        raise RequestError("body: expected a JSON object", "body")
+    try:
+        return model.model_validate(body)
+    except pydantic_core.ValidationError as e:
+        message, param = describe_validation_errors(e.errors())
+        raise RequestError(message, param) from None
+
+
+def _prompt_ids(chat: ChatTokenizer, req, cfg: ServerConfig):
+    messages = [m.template_dict() for m in req.messages]
+    kwargs = {**cfg.chat_template_kwargs, **(req.chat_template_kwargs or {})}
+    return chat.prompt_ids(messages, tools=req.tools, template_kwargs=kwargs, add_generation_prompt=req.add_generation_prompt)
+
+
+def _as_list(x: Any) -> list[int]:
+    return [int(v) for v in (x if isinstance(x, (list, tuple)) else [x]) if v is not None]
+
+
+def _generation_eos(model_dir: str) -> list[int]:
+    import json
+    from pathlib import Path
+
+    path = Path(model_dir) / "generation_config.json"
+    try:
+        return _as_list(json.loads(path.read_text()).get("eos_token_id"))
+    except (OSError, ValueError):
+        return []
+
+
+def _logprob_entry(token_id: int, lp: Any, as_ids: bool) -> dict:
+    text = lp.decoded_token if lp.decoded_token is not None else ""
+    return {
+        "token": f"token_id:{token_id}" if as_ids else text,
+        "logprob": max(float(lp.logprob), LOGPROB_FLOOR),
+        "bytes": list(text.encode("utf-8", errors="replace")),
+    }
+
+
+def _choice(req: ChatCompletionRequest, out: Any, prompt_ids: list[int], state: Any, cfg: ServerConfig) -> dict:
+    parsers: Parsers = state.parsers
+    gen_ids = list(out.token_ids)
+    steps = out.logprobs or []
+    gen_logps = [max(float(steps[i][t].logprob), LOGPROB_FLOOR) for i, t in enumerate(gen_ids)] if steps else []
+    text = out.text
+    shim = SimpleNamespace(
+        messages=[m.model_dump(exclude_none=True) for m in req.messages], tools=req.tools, tool_choice=req.tool_choice,
+        chat_template_kwargs={**cfg.chat_template_kwargs, **(req.chat_template_kwargs or {})},
+        skip_special_tokens=True, include_reasoning=True,
+    )
+    reasoning, content = None, text
+    if parsers.reasoning_name:
+        reasoning, content = parsers.reasoning_for(shim.chat_template_kwargs).extract_reasoning(text, shim)
+    tool_calls: list[dict] = []
+    if parsers.tool is not None and req.tools and req.tool_choice != "none" and content:
+        info = parsers.tool.extract_tool_calls(content, shim)
+        if info.tools_called:
+            content = info.content
+            for call in info.tool_calls:
+                tool_calls.append({
+                    "id": getattr(call, "id", None) or f"call_{uuid.uuid4().hex[:24]}",
+                    "type": "function",
+                    "function": {"name": call.function.name, "arguments": call.function.arguments},
+                })
+    finish = out.finish_reason or "stop"
+    if tool_calls and finish == "stop":
+        finish = "tool_calls"
+    message: dict[str, Any] = {"role": "assistant", "content": content, "tool_calls": tool_calls}
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning
+        message["reasoning"] = reasoning
+    message["prompt_token_ids"] = prompt_ids
+    message["generation_token_ids"] = gen_ids
+    message["generation_log_probs"] = gen_logps
+    choice: dict[str, Any] = {"index": out.index, "message": message, "finish_reason": finish, "logprobs": None,
+                              "stop_reason": out.stop_reason}
+    if req.logprobs:
+        as_ids = bool(req.return_tokens_as_token_ids)
+        top_n = int(req.top_logprobs or 0)
+        content_lps = []
+        for i, t in enumerate(gen_ids):
+            entry = _logprob_entry(t, steps[i][t], as_ids)
+            ranked = sorted(((tid, lp) for tid, lp in steps[i].items() if lp.rank is not None and lp.rank <= top_n),
+                            key=lambda x: x[1].rank)
+            entry["top_logprobs"] = [_logprob_entry(tid, lp, as_ids) for tid, lp in ranked[:top_n]]
+            content_lps.append(entry)
+        choice["logprobs"] = {"content": content_lps}
+    return choice
+
+
+def _chat_response(req: ChatCompletionRequest, final: Any, prompt_ids: list[int], request_id: str, state: Any,
+                   cfg: ServerConfig) -> dict:
+    choices = [_choice(req, out, prompt_ids, state, cfg) for out in final.outputs]
+    completion = sum(len(c["message"]["generation_token_ids"]) for c in choices)
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": cfg.model_name,
+        "choices": choices,
+        "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion,
+                  "total_tokens": len(prompt_ids) + completion},
+        "weight_version": state.engine.weight_version,
+    }

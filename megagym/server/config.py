@@ -1,0 +1,83 @@
+"""Typed settings of the policy server (`megagym serve` and the `server:` section of a run).
+
+Owns: the `ServerConfig` dataclass — where to bind, which model, engine sizing, the sampling
+settings the server accepts (training and validation), the logprob contract, the parsers.
+Must not: import vLLM, FastAPI or torch; this is plain data loaded by `megagym.config`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+@dataclass
+class SamplingSetting:
+    """One accepted (temperature, top_p) pair. top_k is always "unset" (-1)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclass
+class ServerConfig:
+    model: str = ""
+    served_model_name: Optional[str] = None  # the `model` name clients send; default: the model path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: Optional[str] = None  # bearer token required on every endpoint but /health when set
+
+    # engine sizing
+    max_model_len: Optional[int] = None  # default: the model's own (max_position_embeddings)
+    dtype: str = "auto"  # "float32" on CPU for exact logprob parity
+    kv_cache_gib: float = 1.0  # CPU: VLLM_CPU_KVCACHE_SPACE; GPU: ignored (use gpu_memory_utilization)
+    gpu_memory_utilization: float = 0.8
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = True
+    seed: int = 0
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = 256
+    shutdown_timeout_s: float = 20.0
+    engine_args: dict = field(default_factory=dict)  # extra AsyncEngineArgs (weight_transfer_config, ...)
+
+    # sampling guard: a request must match one of these (unset fields take the training values)
+    train_sampling: SamplingSetting = field(default_factory=SamplingSetting)
+    validation_sampling: SamplingSetting = field(default_factory=SamplingSetting)
+
+    # The logprob quantity returned in `generation_log_probs` / `logprobs.content[i].logprob`.
+    # "processed_logprobs" = log_softmax(logits / temperature) after top-p/top-k masking: the
+    # quantity the trainer recomputes. "raw_logprobs" ignores temperature (vLLM's default).
+    logprobs_mode: Literal["processed_logprobs", "raw_logprobs"] = "processed_logprobs"
+
+    # parsers (vLLM's own); None disables
+    tool_parser: Optional[str] = "hermes"
+    reasoning_parser: Optional[str] = None  # "qwen3" to split <think> into `reasoning_content`
+    chat_template_kwargs: dict = field(default_factory=dict)  # defaults merged under each request's
+
+    # weight version reported before any update
+    initial_weight_version: int = 0
+    # "module:function" entries called with the FastAPI app at creation (e.g. the weight-sync
+    # backend adding its control routes); they reach the engine as `app.state.engine`.
+    extensions: list = field(default_factory=list)
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ValueError("model: a model path (HF folder) is required")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port: {self.port} is not a valid port")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ValueError("max_model_len must be positive")
+        for name in ("train_sampling", "validation_sampling"):
+            s = getattr(self, name)
+            if s.temperature < 0 or not 0 < s.top_p <= 1:
+                raise ValueError(f"{name}: temperature must be >= 0 and top_p in (0, 1]")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+    def allowed_sampling(self) -> list[tuple[float, float]]:
+        return [
+            (self.train_sampling.temperature, self.train_sampling.top_p),
+            (self.validation_sampling.temperature, self.validation_sampling.top_p),
+        ]

@@ -1,0 +1,99 @@
+"""Start and stop a `megagym serve` subprocess (tests, benchmarks, launchers on one machine).
+
+Owns: launching the server in its own process group on 127.0.0.1, waiting (bounded) for
+`/health`, and stopping it: SIGTERM to the server's main PID first (so the engine shuts down in
+order and in-flight requests finish or fail cleanly), then SIGKILL to the whole group for
+anything left. The caller gets the base URL (no `/v1`) and the log path.
+Must not: pick models or settings beyond what it is given; import vLLM.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    model_path: str
+    overrides: list[str] = field(default_factory=list)
+    port: int = 0
+    log_path: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    command: list[str] | None = None  # default: `python -m megagym.cli serve ...`
+    proc: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 240.0) -> "ServerProcess":
+        self.port = self.port or free_port()
+        cmd = self.command or [
+            sys.executable, "-m", "megagym.cli", "serve", "--model", str(self.model_path),
+            "--host", "127.0.0.1", "--port", str(self.port), *self.overrides,
+        ]
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false",
+               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **self.env}
+        self.log_path = Path(self.log_path or f"/tmp/megagym-serve-{self.port}.log")
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode} during start-up; log:\n{self.tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise TimeoutError(f"server not healthy after {timeout_s:.0f}s; log:\n{self.tail()}")
+
+    def tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout_s: float = 40.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        pgid = proc.pid  # start_new_session: the group id is the leader's pid
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(pgid, signal.SIGKILL)  # the engine core and workers, if anything is left
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

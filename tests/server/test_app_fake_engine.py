@@ -1,0 +1,99 @@
+"""The app and the weight-update hook without vLLM's engine: a fake AsyncLLM records calls."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+from fastapi.testclient import TestClient
+
+from megagym.server.app import create_app
+from megagym.server.config import ServerConfig
+from megagym.server.engine import Engine
+
+
+class FakeLLM:
+    def __init__(self, tok):
+        self.calls: list[str] = []
+        self.errored = False
+        self.tok = tok
+        self.model_config = SimpleNamespace(
+            get_vocab_size=lambda: 151936, max_model_len=256, hf_config=SimpleNamespace(eos_token_id=151645)
+        )
+
+    async def pause_generation(self, mode="abort", clear_cache=True):
+        self.calls.append(f"pause:{mode}")
+
+    async def resume_generation(self):
+        self.calls.append("resume")
+
+    async def reset_prefix_cache(self):
+        self.calls.append("reset_prefix_cache")
+
+    async def update_weight_version(self, v):
+        self.calls.append(f"version:{v}")
+
+    async def generate(self, prompt, params, request_id):
+        gen = [100, 200]
+        lps = [{t: SimpleNamespace(logprob=-1.5, rank=1, decoded_token="x")} for t in gen]
+        out = SimpleNamespace(index=0, text=self.tok.decode(gen), token_ids=gen, logprobs=lps,
+                              finish_reason="length", stop_reason=None)
+        yield SimpleNamespace(outputs=[out])
+
+    def shutdown(self, timeout=None):
+        self.calls.append("shutdown")
+
+
+@pytest.fixture()
+def fake(tiny_qwen3):
+    from transformers import AutoTokenizer
+
+    cfg = ServerConfig(model=str(tiny_qwen3), api_key="sekrit", tool_parser="hermes")
+    llm = FakeLLM(AutoTokenizer.from_pretrained(str(tiny_qwen3)))
+
+    async def factory(c):
+        return Engine(c, llm)
+
+    with TestClient(create_app(cfg, engine_factory=factory)) as client:
+        yield client, llm
+
+
+def test_api_key(fake):
+    client, _ = fake
+    assert client.get("/health").status_code == 200  # health is open
+    r = client.get("/v1/models")
+    assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+    auth = {"authorization": "Bearer sekrit"}
+    assert client.get("/v1/models", headers=auth).status_code == 200
+    r = client.post("/v1/chat/completions", headers=auth, json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["generation_token_ids"] == [100, 200]
+
+
+def test_max_tokens_clamped_to_context(fake):
+    client, _ = fake
+    auth = {"authorization": "Bearer sekrit"}
+    r = client.post("/v1/chat/completions", headers=auth,
+                    json={"messages": [{"role": "user", "content": "word " * 300}], "max_tokens": 2})
+    assert r.status_code == 400 and "context length" in r.json()["error"]["message"]
+
+
+def test_update_weights_hook_order_and_version(fake):
+    client, llm = fake
+    engine = client.app.state.engine
+
+    async def apply(l):
+        l.calls.append("apply")
+
+    assert client.portal.call(engine.update_weights, apply) == 1
+    assert llm.calls[-5:] == ["pause:keep", "apply", "reset_prefix_cache", "version:1", "resume"]
+    assert client.get("/health").json()["weight_version"] == 1
+
+    async def broken(l):
+        raise RuntimeError("transfer failed")
+
+    with pytest.raises(RuntimeError):
+        client.portal.call(engine.update_weights, broken)
+    assert llm.calls[-1] == "resume" and engine.weight_version == 1  # resumed, version unchanged
+    assert client.portal.call(lambda: engine.update_weights(apply, version=7, mode="wait")) == 7
+    assert asyncio.iscoroutinefunction(engine.update_weights)
