@@ -7,19 +7,13 @@ module: engine start-up costs ~30 s on 2 cores.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-import requests
 import torch
 
 from megagym.weights.sync.buckets import leaked_segments
+from megagym.weights.sync.demo_server import DemoServerProcess
 
 # Fixed prompts (token ids < 151k) scored by teacher forcing on both sides.
 PROMPTS = [
@@ -29,69 +23,8 @@ PROMPTS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class DemoServer:
-    def __init__(self, model: Path, log_path: Path, backend: str = "shm"):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false")
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "megagym.weights.sync.demo_server", "--model", str(model),
-             "--port", str(self.port), "--backend", backend],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )
-        self.log_path = log_path
-
-    def wait_ready(self, timeout_s: float = 240.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"demo server exited ({self.proc.returncode}):\n{self.tail()}")
-            try:
-                if requests.get(self.url + "/demo/ready", timeout=2).ok:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"demo server not ready in {timeout_s} s:\n{self.tail()}")
-
-    def tail(self, n: int = 40) -> str:
-        return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-n:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGINT)  # uvicorn shuts the engine down in the lifespan
-            try:
-                self.proc.wait(12)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        try:  # anything left in the group (EngineCore, Worker)
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.log.close()
-
-    # -- measuring helpers ----------------------------------------------------------------
-    def score(self, prompts=PROMPTS) -> list[list[float]]:
-        r = requests.post(self.url + "/demo/score", json={"prompts": prompts}, timeout=120)
-        r.raise_for_status()
-        return r.json()["logprobs"]
-
-    def info(self) -> dict:
-        r = requests.get(self.url + "/weights/info", timeout=30)
-        r.raise_for_status()
-        return r.json()
-
-
-def start_server(model: Path, log_path: Path, backend: str = "shm") -> DemoServer:
-    server = DemoServer(model, log_path, backend)
+def start_server(model: Path, log_path: Path, backend: str = "shm") -> DemoServerProcess:
+    server = DemoServerProcess(model, log_path, backend=backend)
     try:
         server.wait_ready()
     except BaseException:

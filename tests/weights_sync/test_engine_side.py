@@ -120,10 +120,11 @@ def test_router_contract_and_errors():
         app.state.engine.fail_on_bucket = None
         client.post("/weights/start", json={})
         client.post("/weights/update", json={"update_info": [{}, {}]})
-        assert client.post("/weights/finish", json={"weight_version": 10}).json() == {"weight_version": 10}
+        assert client.post("/weights/finish", json={"weight_version": 10}).json()["weight_version"] == 10
         assert app.state.weight_version == 10
         info = client.get("/weights/info").json()
         assert info == {"weight_version": 10, "active": False, "consistent": True, "world_size": 1}
+        assert client.post("/weights/abort").json() == {"weight_version": 10}
 
 
 def test_watchdog_abandons_an_update_whose_trainer_went_quiet():

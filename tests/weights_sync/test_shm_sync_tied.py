@@ -50,7 +50,7 @@ state = {"current": "A"}
 
 
 def test_engine_starts_on_A(server, ckpts):
-    assert max_abs_diff(server.score(), reference_logprobs(ckpts["A"])) < TOL
+    assert max_abs_diff(server.score(PROMPTS), reference_logprobs(ckpts["A"])) < TOL
     assert server.info()["weight_version"] == 0
 
 
@@ -61,7 +61,7 @@ def test_sync_B_in_buckets_matches_trainer_and_bumps_version(server, sender, ckp
     state["current"] = "B"
     assert stats.buckets >= 3 and stats.tensors == len(weights)
     assert stats.weight_version == 1 and server.info()["weight_version"] == 1
-    engine = server.score()
+    engine = server.score(PROMPTS)
     assert max_abs_diff(engine, reference_logprobs(ckpts["B"])) < TOL
     assert max_abs_diff(engine, reference_logprobs(ckpts["A"])) > 0.1  # the weights really changed
 
@@ -72,7 +72,7 @@ def test_stale_tied_lm_head_is_caught(server, sender, ckpts):
     try:
         sender.send(hf_weights(ckpts["A"]).items())
         state["current"] = "A"
-        assert max_abs_diff(server.score(), reference_logprobs(ckpts["A"])) > 1e-2
+        assert max_abs_diff(server.score(PROMPTS), reference_logprobs(ckpts["A"])) > 1e-2
     finally:
         requests.post(server.url + "/weights/init", json={"init_info": {}}).raise_for_status()
     # With the refresh (the default) the same update matches; an exporter that also yields the
@@ -81,7 +81,7 @@ def test_stale_tied_lm_head_is_caught(server, sender, ckpts):
     weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
     sender.send(weights.items())
     state["current"] = "B"
-    assert max_abs_diff(server.score(), reference_logprobs(ckpts["B"])) < TOL
+    assert max_abs_diff(server.score(PROMPTS), reference_logprobs(ckpts["B"])) < TOL
 
 
 def _generate(server, prompt, max_tokens, out):
@@ -143,8 +143,8 @@ def test_bad_update_is_a_clear_error_and_engine_keeps_serving(server, sender, ck
         sender.send(items)
     info = server.info()
     assert info["weight_version"] == version and not info["active"] and info["consistent"]
-    assert max_abs_diff(server.score(), reference_logprobs(ckpts[current])) < TOL
+    assert max_abs_diff(server.score(PROMPTS), reference_logprobs(ckpts[current])) < TOL
     # And the next good update goes through.
     sender.send(hf_weights(ckpts["B"]).items())
     state["current"] = "B"
-    assert max_abs_diff(server.score(), reference_logprobs(ckpts["B"])) < TOL
+    assert max_abs_diff(server.score(PROMPTS), reference_logprobs(ckpts["B"])) < TOL

@@ -14,7 +14,7 @@ import pytest
 from megagym.testing.tiny_qwen3 import write_tiny_qwen3
 from megagym.weights.sync.sender import WeightSyncFailed, make_sender
 
-from .conftest import hf_weights, max_abs_diff, reference_logprobs, start_server
+from .conftest import PROMPTS, hf_weights, max_abs_diff, reference_logprobs, start_server
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -41,7 +41,7 @@ def test_untied_sync_matches_trainer(server, ckpts):
         stats = sender.send(weights.items(), weight_version=7)
     assert stats.buckets >= 20 and stats.tensors == len(weights) and stats.weight_version == 7
     assert server.info()["weight_version"] == 7
-    engine = server.score()
+    engine = server.score(PROMPTS)
     assert max_abs_diff(engine, reference_logprobs(ckpts["B"])) < TOL
     assert max_abs_diff(engine, reference_logprobs(ckpts["A"])) > 0.1
 
@@ -56,9 +56,9 @@ def test_update_abandoned_part_way_keeps_serving_and_is_flagged(server, ckpts):
             sender.send(weights.items())
         info = server.info()
         assert info["weight_version"] == 7 and not info["active"] and not info["consistent"]
-        scores = server.score()  # still serving: layers are each either A or B, never half-loaded
+        scores = server.score(PROMPTS)  # still serving: layers are each either A or B, never half-loaded
         assert all(math.isfinite(x) for row in scores for x in row)
         sender.send(hf_weights(ckpts["A"]).items())
     info = server.info()
     assert info["weight_version"] == 8 and info["consistent"]
-    assert max_abs_diff(server.score(), reference_logprobs(ckpts["A"])) < TOL
+    assert max_abs_diff(server.score(PROMPTS), reference_logprobs(ckpts["A"])) < TOL

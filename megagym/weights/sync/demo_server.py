@@ -9,7 +9,8 @@ contract `routes` documents. Two extra routes, for measuring only:
 - `POST /demo/generate` `{"prompt": [ids], "max_tokens": n}` -> greedy `token_ids`, sampled
   `logprobs`, `weight_versions` ([version, start, end] spans), `t_start`/`t_end` (time.time()).
 
-Run: `python -m megagym.weights.sync.demo_server --model DIR --port 8123 [--backend shm]`.
+Run: `python -m megagym.weights.sync.demo_server --model DIR --port 8123 [--backend shm]
+[--dtype bfloat16 --load-format dummy]`.
 Must not: grow into a second policy server (no OpenAI routes, no token-ID fix).
 """
 
@@ -18,14 +19,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 import uuid
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import Body, FastAPI, Request
 
 
-def build_app(model: str, backend: str = "shm", max_model_len: int = 512) -> FastAPI:
+def build_app(model: str, backend: str = "shm", max_model_len: int = 512, dtype: str = "float32",
+              load_format: str = "auto") -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -33,8 +40,8 @@ def build_app(model: str, backend: str = "shm", max_model_len: int = 512) -> Fas
 
         from megagym.weights.sync.engine_side import engine_kwargs
 
-        args = AsyncEngineArgs(model=model, dtype="float32", enforce_eager=True, max_model_len=max_model_len,
-                               max_num_seqs=16, **engine_kwargs(backend))
+        args = AsyncEngineArgs(model=model, dtype=dtype, enforce_eager=True, max_model_len=max_model_len,
+                               max_num_seqs=16, load_format=load_format, **engine_kwargs(backend))
         app.state.engine = AsyncLLM.from_engine_args(args)
         app.state.weight_version = 0
         try:
@@ -96,6 +103,72 @@ def build_app(model: str, backend: str = "shm", max_model_len: int = 512) -> Fas
     return app
 
 
+class DemoServerProcess:
+    """Runs this server in its own process group (engine children included) and talks to it."""
+
+    def __init__(self, model: str | Path, log_path: str | Path, *, backend: str = "shm",
+                 extra_args: list[str] | None = None, env: dict | None = None):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_path)
+        self._log = open(self.log_path, "w")
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "megagym.weights.sync.demo_server", "--model", str(model),
+             "--port", str(self.port), "--backend", backend, *(extra_args or [])],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+
+    def wait_ready(self, timeout_s: float = 300.0) -> DemoServerProcess:
+        import requests
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"demo server exited ({self.proc.returncode}):\n{self.tail()}")
+            try:
+                if requests.get(self.url + "/demo/ready", timeout=2).ok:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"demo server not ready in {timeout_s} s:\n{self.tail()}")
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self, grace_s: float = 12.0) -> None:
+        """SIGINT (uvicorn runs the lifespan: engine shutdown), then SIGKILL whatever is left."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+        self._log.close()
+
+    def score(self, prompts: list[list[int]]) -> list[list[float]]:
+        import requests
+
+        r = requests.post(self.url + "/demo/score", json={"prompts": prompts}, timeout=300)
+        r.raise_for_status()
+        return r.json()["logprobs"]
+
+    def info(self) -> dict:
+        import requests
+
+        r = requests.get(self.url + "/weights/info", timeout=30)
+        r.raise_for_status()
+        return r.json()
+
+
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
@@ -104,9 +177,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=8123)
     p.add_argument("--backend", default="shm")
     p.add_argument("--max-model-len", type=int, default=512)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--load-format", default="auto", help="'dummy': random weights, config.json only")
     a = p.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    uvicorn.run(build_app(a.model, a.backend, a.max_model_len), host="127.0.0.1", port=a.port, log_level="warning")
+    uvicorn.run(build_app(a.model, a.backend, a.max_model_len, a.dtype, a.load_format), host="127.0.0.1", port=a.port, log_level="warning")
 
 
 if __name__ == "__main__":

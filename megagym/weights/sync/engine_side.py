@@ -80,6 +80,7 @@ class WeightSyncState:
     last_activity: float = 0.0
     buckets: int = 0
     started_at: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase, last update
     _watchdog: asyncio.Task | None = None
 
     # -- one step each; callers hold no lock between steps, `active` guards the session ------
@@ -102,10 +103,14 @@ class WeightSyncState:
                 raise WeightSyncError("weight transfer is not initialised: call init first")
             self.active = True
             self.buckets = 0
+            self.timings = {"pause": 0.0, "start": 0.0, "update": 0.0, "finish": 0.0, "resume": 0.0}
             self.started_at = self.last_activity = time.monotonic()
             try:
                 await engine.pause_generation(mode=pause_mode, clear_cache=True)
+                self._lap("pause", self.started_at)
+                t0 = time.monotonic()
                 await engine.start_weight_update()
+                self._lap("start", t0)
             except BaseException as exc:
                 await self._abort_locked(engine)
                 raise WeightSyncError(f"could not start the weight update: {exc}") from exc
@@ -116,9 +121,10 @@ class WeightSyncState:
 
         async with self.lock:
             self._require_active("update")
-            self.last_activity = time.monotonic()
+            self.last_activity = t0 = time.monotonic()
             try:
                 await engine.update_weights(WeightTransferUpdateRequest(update_info=update_info))
+                self._lap("update", t0)
             except BaseException as exc:
                 loaded = self.buckets
                 await self._abort_locked(engine)
@@ -136,17 +142,21 @@ class WeightSyncState:
         async with self.lock:
             self._require_active("finish")
             new_version = self.weight_version + 1 if weight_version is None else int(weight_version)
+            t0 = time.monotonic()
             try:
                 await engine.finish_weight_update(weight_version=str(new_version))
                 await engine.reset_prefix_cache()
                 await engine.collective_rpc("megagym_refresh_lm_head")
+                self._lap("finish", t0)
             except BaseException as exc:
                 await self._abort_locked(engine)
                 raise WeightSyncError(f"finishing the weight update failed: {exc}") from exc
             self.weight_version = new_version
             self.consistent = True
             self._end()
+            t0 = time.monotonic()
             await engine.resume_generation()
+            self._lap("resume", t0)
             log.info("weight update %d done: %d buckets in %.3f s", new_version, self.buckets,
                      time.monotonic() - self.started_at)
             return new_version
@@ -157,6 +167,9 @@ class WeightSyncState:
                 await self._abort_locked(engine)
 
     # -- internals -----------------------------------------------------------------------------
+    def _lap(self, phase: str, since: float) -> None:
+        self.timings[phase] = self.timings.get(phase, 0.0) + time.monotonic() - since
+
     def _require_active(self, step: str) -> None:
         if not self.active:
             raise WeightSyncError(f"{step}: no weight update in progress (call start first; an "

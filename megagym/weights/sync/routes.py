@@ -13,7 +13,7 @@ Routes (JSON bodies; errors answer `{"error": "..."}` with 400 for a refused/fai
 - `POST /weights/start`  `{"pause_mode": "wait"|"abort"}` -> pause + start_weight_update;
 - `POST /weights/update` `{"update_info": {...} | [...]}` -> one bucket;
 - `POST /weights/finish` `{"weight_version": int|null}` -> finish, reset caches, resume;
-  answers `{"weight_version": N}`;
+  answers `{"weight_version": N, "timings": {phase: seconds}}`;
 - `POST /weights/abort`  -> abandon the update in progress (old weights stay), resume;
 - `GET  /weights/info`   -> `{"weight_version", "active", "consistent", "world_size"}`
   (`consistent` is False after an update was abandoned part-way; the next full update fixes it).
@@ -95,7 +95,7 @@ async def finish(request: Request, weight_version: int | None = Body(None, embed
     async def step(state, engine):
         version = await state.finish(engine, weight_version)
         request.app.state.weight_version = version
-        return {"weight_version": version}
+        return {"weight_version": version, "timings": state.timings}
 
     return await _run(request, step)
 

@@ -61,6 +61,8 @@ class SyncStats:
     buckets: int = 0
     bytes: int = 0
     seconds: float = 0.0
+    pack_seconds: float = 0.0  # shm: time spent copying into the segments (overlaps loading)
+    server_timings: dict | None = None  # first server's seconds per phase (pause/start/update/finish/resume)
 
     @property
     def gb_per_s(self) -> float:
@@ -162,13 +164,15 @@ class WeightSender(ABC):
         """Finish the update on every server; they bump their version and resume serving."""
         if not self._active:
             raise RuntimeError("commit() without begin()")
-        versions = {r["weight_version"] for r in self.servers.call("finish", {"weight_version": weight_version})}
+        answers = self.servers.call("finish", {"weight_version": weight_version})
+        versions = {r["weight_version"] for r in answers}
         self._active = False
         if len(versions) != 1:
             log.warning("policy servers report different weight versions after a sync: %s", versions)
         stats = self._stats
         stats.weight_version = max(versions)
         stats.seconds = time.perf_counter() - self._t0
+        stats.server_timings = answers[0].get("timings")
         self._after_commit()
         return stats
 
@@ -250,7 +254,9 @@ class ShmWeightSender(WeightSender):
         try:
             for i, bucket in enumerate(iter_buckets(named_tensors, self.bucket_bytes)):
                 seg = self._segment(i % 2, bucket_size(bucket))
+                t0 = time.perf_counter()
                 manifest = pack_into(seg.tensor, bucket)  # overlaps the servers loading bucket i-1
+                self._stats.pack_seconds += time.perf_counter() - t0
                 if pending is not None:
                     self.servers.wait(pending)
                 info = {"shm_path": seg.path, "shm_size": seg.size, **manifest.to_dict()}
