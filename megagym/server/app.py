@@ -109,21 +109,25 @@ def create_app(cfg: ServerConfig, *, engine_factory: Callable[[ServerConfig], Aw
     async def lifespan(app: FastAPI):
         from transformers import AutoTokenizer
 
-        from megagym.server.engine import Engine
+        from megagym.server import engine as eng
 
-        engine = await (engine_factory or Engine.start)(cfg)
+        llm = await (engine_factory or eng.start_engine)(cfg)
         try:
             tok = await asyncio.to_thread(AutoTokenizer.from_pretrained, cfg.model)
-            stop_ids = _as_list(getattr(engine.llm.model_config.hf_config, "eos_token_id", None))
+            stop_ids = _as_list(getattr(llm.model_config.hf_config, "eos_token_id", None))
             stop_ids += _generation_eos(cfg.model)
-            app.state.engine = engine
-            app.state.chat = ChatTokenizer(tok, default_template_kwargs=cfg.chat_template_kwargs, stop_ids=stop_ids)
-            app.state.parsers = Parsers(cfg, tok)
-            app.state.started = time.time()
-            log.info("policy server ready: model=%s max_model_len=%d", cfg.model_name, engine.max_model_len)
+            st = app.state
+            st.engine = llm  # the AsyncLLM itself (weight sync drives it directly)
+            st.weight_version = cfg.initial_weight_version
+            st.max_model_len = int(llm.model_config.max_model_len)
+            st.vocab_size = int(llm.model_config.get_vocab_size())
+            st.chat = ChatTokenizer(tok, default_template_kwargs=cfg.chat_template_kwargs, stop_ids=stop_ids)
+            st.parsers = Parsers(cfg, tok)
+            st.started = time.time()
+            log.info("policy server ready: model=%s max_model_len=%d", cfg.model_name, st.max_model_len)
             yield
         finally:
-            await engine.shutdown()
+            eng.shutdown(llm, cfg)
 
     app = FastAPI(title="megagym policy server", lifespan=lifespan)
     app.state.cfg = cfg
@@ -151,18 +155,20 @@ def create_app(cfg: ServerConfig, *, engine_factory: Callable[[ServerConfig], Aw
 
     @app.get("/health")
     async def health(request: Request):
-        engine = request.app.state.engine
-        ok = engine.healthy
-        body = {"status": "ok" if ok else "engine dead", "weight_version": engine.weight_version,
-                "updating_weights": engine.updating, "model": cfg.model_name}
-        return json_response(body, 200 if ok else 503, engine.weight_version)
+        from megagym.server.engine import updating
+
+        st = request.app.state
+        ok = not st.engine.errored
+        body = {"status": "ok" if ok else "engine dead", "weight_version": st.weight_version,
+                "updating_weights": updating(st), "model": cfg.model_name}
+        return json_response(body, 200 if ok else 503, st.weight_version)
 
     @app.get("/v1/models")
     async def models(request: Request):
-        engine = request.app.state.engine
-        card = {"id": cfg.model_name, "object": "model", "created": int(request.app.state.started),
-                "owned_by": "megagym", "root": cfg.model, "max_model_len": engine.max_model_len}
-        return json_response({"object": "list", "data": [card]}, 200, engine.weight_version)
+        st = request.app.state
+        card = {"id": cfg.model_name, "object": "model", "created": int(st.started),
+                "owned_by": "megagym", "root": cfg.model, "max_model_len": st.max_model_len}
+        return json_response({"object": "list", "data": [card]}, 200, st.weight_version)
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
@@ -177,38 +183,46 @@ def create_app(cfg: ServerConfig, *, engine_factory: Callable[[ServerConfig], Aw
             req = _parse(TokenizeChatRequest, body)
             prompt = await asyncio.to_thread(_prompt_ids, chat, req, cfg)
             ids = prompt.token_ids
-        max_len = request.app.state.engine.max_model_len
+        max_len = request.app.state.max_model_len
         return json_response({"count": len(ids), "max_model_len": max_len, "tokens": ids, "token_strs": None})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        from megagym.server import engine as eng
+
         req = _parse(ChatCompletionRequest, await _json_body(request))
-        state = request.app.state
-        engine = state.engine
+        st = request.app.state
         if req.model is not None and req.model not in (cfg.model_name, cfg.model):
             raise RequestError(f"model: {req.model!r} is not served here; this server serves {cfg.model_name!r}", "model")
         sampling = check_sampling(req, cfg)
         sampling.setdefault("logprobs", 0)  # token information is always computed (one log-softmax per step)
-        prompt = await asyncio.to_thread(_prompt_ids, state.chat, req, cfg)
+        prompt = await asyncio.to_thread(_prompt_ids, st.chat, req, cfg)
         ids = prompt.token_ids
-        if ids and (min(ids[: prompt.prefix_len] or [0]) < 0 or max(ids[: prompt.prefix_len] or [0]) >= engine.vocab_size):
-            raise RequestError(f"messages: token fields hold ids outside the vocabulary [0, {engine.vocab_size})", "messages")
-        max_tokens = max_new_tokens(req, len(ids), state.engine.max_model_len)
+        head = ids[: prompt.prefix_len]
+        if head and (min(head) < 0 or max(head) >= st.vocab_size):
+            raise RequestError(f"messages: token fields hold ids outside the vocabulary [0, {st.vocab_size})", "messages")
+        max_tokens = max_new_tokens(req, len(ids), st.max_model_len)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        llm = st.engine
         try:
             final = await _unless_disconnected(
-                request, engine.generate(ids, sampling, max_tokens, request_id), lambda: engine.abort(request_id)
+                request, eng.generate(llm, ids, sampling, max_tokens, request_id), lambda: eng.abort(llm, request_id)
             )
         except ClientGone:
             return error_response("client disconnected", 499)
         except ValueError as e:  # inputs the engine refuses (vLLM validation)
             raise RequestError(f"messages: the engine refused the prompt: {e}", "messages") from None
         except Exception as e:
-            if not engine.healthy:
+            if llm.errored:
                 return error_response(f"engine is dead: {e}", 503)
             raise
-        body = _chat_response(req, final, ids, request_id, state, cfg)
-        return json_response(body, 200, engine.weight_version)
+        body = _chat_response(req, final, ids, request_id, st, cfg)
+        return json_response(body, 200, st.weight_version)
+
+    if cfg.weight_sync:
+        from megagym.weights.sync.routes import router
+
+        app.include_router(router)
 
     @app.exception_handler(Exception)
     async def on_unexpected(_: Request, exc: Exception):
@@ -345,5 +359,5 @@ def _chat_response(req: ChatCompletionRequest, final: Any, prompt_ids: list[int]
         "choices": choices,
         "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion,
                   "total_tokens": len(prompt_ids) + completion},
-        "weight_version": state.engine.weight_version,
+        "weight_version": state.weight_version,
     }

@@ -54,6 +54,9 @@ class ServerConfig:
     reasoning_parser: Optional[str] = None  # "qwen3" to split <think> into `reasoning_content`
     chat_template_kwargs: dict = field(default_factory=dict)  # defaults merged under each request's
 
+    # weight sync backend ("shm" on CPU, "nccl" / "ipc" on GPU): enables vLLM weight transfer in
+    # the engine and mounts megagym.weights.sync's /weights/* routes on this app
+    weight_sync: Optional[Literal["shm", "nccl", "ipc"]] = None
     # weight version reported before any update
     initial_weight_version: int = 0
     # "module:function" entries called with the FastAPI app at creation (e.g. the weight-sync

@@ -1,11 +1,15 @@
-"""The vLLM engine behind the policy server: lifecycle, generation, and the weight-update hook.
+"""The vLLM engine behind the policy server: lifecycle, generation, and the weight-version hook.
 
 Owns: creating vLLM's `AsyncLLM` in the serving event loop (it belongs to the loop that first
-uses it), turning token-id prompts + sampling kwargs into final outputs, aborting requests whose
-client went away, bounded shutdown, and the weight version. `update_weights()` is the one place a
-weight-sync backend (megagym/weights/sync/) calls: it pauses generation, lets the backend move the
-weights, clears the prefix cache, bumps the version and resumes — in that order, always resuming.
-Must not: parse HTTP or chat messages (that is app.py / tokens.py), or move weights itself.
+uses it), turning token-id prompts + sampling kwargs into final outputs, aborting requests,
+bounded shutdown, and `update_weights()` — the in-process hook for changing weights: pause
+generation, let the caller move the weights, reset the prefix cache, bump the version, resume.
+
+The app keeps two things on `app.state` that weight sync relies on (megagym/weights/sync/routes.py
+mounts on the same app and uses them): `engine` — the `AsyncLLM` itself — and `weight_version`,
+an int reported by `/health` and every response. Whoever changes the weights sets
+`app.state.weight_version`; this module's hook does it for in-process callers.
+Must not: parse HTTP or chat messages (app.py / tokens.py), or move weights itself.
 """
 
 from __future__ import annotations
@@ -39,13 +43,17 @@ def engine_args(cfg: ServerConfig):
         tensor_parallel_size=cfg.tensor_parallel_size,
         disable_log_stats=True,
     )
-    if _has_cuda():
+    if has_cuda():
         kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-    kwargs.update(cfg.engine_args)  # e.g. worker_extension_cls, weight_transfer_config
+    if cfg.weight_sync:
+        from megagym.weights.sync.engine_side import engine_kwargs
+
+        kwargs.update(engine_kwargs(cfg.weight_sync))
+    kwargs.update(cfg.engine_args)  # anything else AsyncEngineArgs takes
     return AsyncEngineArgs(**kwargs)
 
 
-def _has_cuda() -> bool:
+def has_cuda() -> bool:
     try:
         import torch
 
@@ -54,89 +62,78 @@ def _has_cuda() -> bool:
         return False
 
 
-class Engine:
-    """One AsyncLLM plus the weight version. Create with `await Engine.start(cfg)` inside the loop."""
+async def start_engine(cfg: ServerConfig) -> Any:
+    """A running AsyncLLM for `cfg` (call inside the serving loop, e.g. the app's lifespan)."""
+    from vllm.v1.engine.async_llm import AsyncLLM
 
-    def __init__(self, cfg: ServerConfig, llm: Any) -> None:
-        self.cfg = cfg
-        self.llm = llm
-        self.weight_version = cfg.initial_weight_version
-        self._update_lock = asyncio.Lock()
-        self.updating = False
-        self.vocab_size = int(llm.model_config.get_vocab_size())
-        self.max_model_len = int(llm.model_config.max_model_len)
+    if not has_cuda():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(cfg.kv_cache_gib)))))
+    llm = AsyncLLM.from_engine_args(engine_args(cfg))
+    await llm.update_weight_version(str(cfg.initial_weight_version))
+    return llm
 
-    @classmethod
-    async def start(cls, cfg: ServerConfig) -> "Engine":
-        from vllm.v1.engine.async_llm import AsyncLLM
 
-        if not _has_cuda():
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(cfg.kv_cache_gib)))))
-        llm = AsyncLLM.from_engine_args(engine_args(cfg))
-        engine = cls(cfg, llm)
-        await llm.update_weight_version(str(engine.weight_version))
-        return engine
+async def generate(llm: Any, prompt_ids: list[int], sampling: dict, max_tokens: int, request_id: str):
+    """Final RequestOutput for one prompt; raises ValueError on inputs the engine refuses."""
+    from vllm.inputs.engine import tokens_input
+    from vllm.sampling_params import RequestOutputKind, SamplingParams
 
-    # -- generation -----------------------------------------------------------------------------
+    params = SamplingParams(max_tokens=max_tokens, output_kind=RequestOutputKind.FINAL_ONLY, **sampling)
+    final = None
+    async for out in llm.generate(tokens_input(prompt_ids), params, request_id):
+        final = out
+    if final is None:
+        raise RuntimeError(f"engine returned no output for {request_id}")
+    return final
 
-    async def generate(self, prompt_ids: list[int], sampling: dict, max_tokens: int, request_id: str):
-        """Final RequestOutput for one prompt; raises ValueError on inputs the engine refuses."""
-        from vllm.inputs.engine import tokens_input
-        from vllm.sampling_params import RequestOutputKind, SamplingParams
 
-        params = SamplingParams(max_tokens=max_tokens, output_kind=RequestOutputKind.FINAL_ONLY, **sampling)
-        final = None
-        async for out in self.llm.generate(tokens_input(prompt_ids), params, request_id):
-            final = out
-        if final is None:
-            raise RuntimeError(f"engine returned no output for {request_id}")
-        return final
+async def abort(llm: Any, request_id: str) -> None:
+    try:
+        await llm.abort(request_id)
+    except Exception:  # already finished
+        pass
 
-    async def abort(self, request_id: str) -> None:
+
+def shutdown(llm: Any, cfg: ServerConfig) -> None:
+    # Blocking but bounded: vLLM force-kills EngineCore after the timeout.
+    llm.shutdown(timeout=cfg.shutdown_timeout_s)
+
+
+async def update_weights(
+    state: Any,
+    apply: WeightUpdate,
+    *,
+    version: int | None = None,
+    mode: Literal["wait", "abort", "keep"] = "wait",
+    timeout_s: float = 600.0,
+) -> int:
+    """The weight-update hook for in-process callers; `state` is the app's `app.state`.
+
+    Pauses generation (`mode`: "wait" lets in-flight requests finish on the old weights, "abort"
+    ends them with partial output, "keep" freezes them so they continue on the new weights),
+    runs `await apply(state.engine)`, resets the prefix cache, sets `state.weight_version` to
+    `version` (default: +1) and the engine's version, and always resumes. Requests that arrive
+    meanwhile wait for the resume. Updates are serialized. Returns the new version.
+    """
+    llm = state.engine
+    lock = getattr(state, "weight_update_lock", None)
+    if lock is None:
+        lock = state.weight_update_lock = asyncio.Lock()
+    async with lock:
+        await asyncio.wait_for(llm.pause_generation(mode=mode, clear_cache=True), timeout_s)
         try:
-            await self.llm.abort(request_id)
-        except Exception:  # the request may already be finished
-            pass
+            await asyncio.wait_for(apply(llm), timeout_s)
+            await llm.reset_prefix_cache()
+            new_version = int(state.weight_version) + 1 if version is None else int(version)
+            await llm.update_weight_version(str(new_version))
+            state.weight_version = new_version
+        finally:
+            await asyncio.wait_for(llm.resume_generation(), timeout_s)
+    log.info("weights updated to version %d", state.weight_version)
+    return state.weight_version
 
-    @property
-    def healthy(self) -> bool:
-        return not self.llm.errored
 
-    # -- weights ----------------------------------------------------------------------------------
-
-    async def update_weights(
-        self,
-        apply: WeightUpdate,
-        *,
-        version: int | None = None,
-        mode: Literal["keep", "wait", "abort"] = "keep",
-        timeout_s: float = 600.0,
-    ) -> int:
-        """Pause generation, run `await apply(llm)`, reset the prefix cache, bump the version, resume.
-
-        `mode` is what happens to in-flight requests while paused: "keep" freezes them and lets them
-        continue on the new weights (their tokens then span two versions), "wait" drains them
-        first, "abort" ends them with partial output. Requests arriving meanwhile wait for resume.
-        Returns the new weight version (`version` or the old one + 1). Updates are serialized.
-        """
-        async with self._update_lock:
-            self.updating = True
-            try:
-                await asyncio.wait_for(self.llm.pause_generation(mode=mode, clear_cache=True), timeout_s)
-                try:
-                    await asyncio.wait_for(apply(self.llm), timeout_s)
-                    await self.llm.reset_prefix_cache()
-                    self.weight_version = self.weight_version + 1 if version is None else int(version)
-                    await self.llm.update_weight_version(str(self.weight_version))
-                finally:
-                    await asyncio.wait_for(self.llm.resume_generation(), timeout_s)
-            finally:
-                self.updating = False
-        log.info("weights updated to version %d", self.weight_version)
-        return self.weight_version
-
-    # -- lifecycle ------------------------------------------------------------------------------
-
-    async def shutdown(self) -> None:
-        # Blocking, but bounded: EngineCore is force-killed after `timeout` seconds.
-        self.llm.shutdown(timeout=self.cfg.shutdown_timeout_s)
+def updating(state: Any) -> bool:
+    lock = getattr(state, "weight_update_lock", None)
+    sync = getattr(state, "weight_sync", None)
+    return bool((lock is not None and lock.locked()) or (sync is not None and getattr(sync, "active", False)))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from megagym.server.app import create_app
 from megagym.server.config import ServerConfig
-from megagym.server.engine import Engine
+from megagym.server.engine import update_weights
 
 
 class FakeLLM:
@@ -53,7 +52,7 @@ def fake(tiny_qwen3):
     llm = FakeLLM(AutoTokenizer.from_pretrained(str(tiny_qwen3)))
 
     async def factory(c):
-        return Engine(c, llm)
+        return llm
 
     with TestClient(create_app(cfg, engine_factory=factory)) as client:
         yield client, llm
@@ -80,20 +79,36 @@ def test_max_tokens_clamped_to_context(fake):
 
 def test_update_weights_hook_order_and_version(fake):
     client, llm = fake
-    engine = client.app.state.engine
+    state = client.app.state
+    assert state.engine is llm and state.weight_version == 0
 
     async def apply(l):
         l.calls.append("apply")
 
-    assert client.portal.call(engine.update_weights, apply) == 1
-    assert llm.calls[-5:] == ["pause:keep", "apply", "reset_prefix_cache", "version:1", "resume"]
-    assert client.get("/health").json()["weight_version"] == 1
+    assert client.portal.call(update_weights, state, apply) == 1
+    assert llm.calls[-5:] == ["pause:wait", "apply", "reset_prefix_cache", "version:1", "resume"]
+    h = client.get("/health")
+    assert h.json()["weight_version"] == 1 and h.headers["x-weight-version"] == "1"
 
     async def broken(l):
         raise RuntimeError("transfer failed")
 
     with pytest.raises(RuntimeError):
-        client.portal.call(engine.update_weights, broken)
-    assert llm.calls[-1] == "resume" and engine.weight_version == 1  # resumed, version unchanged
-    assert client.portal.call(lambda: engine.update_weights(apply, version=7, mode="wait")) == 7
-    assert asyncio.iscoroutinefunction(engine.update_weights)
+        client.portal.call(update_weights, state, broken)
+    assert llm.calls[-1] == "resume" and state.weight_version == 1  # resumed, version unchanged
+
+    async def to_seven():
+        return await update_weights(state, apply, version=7, mode="abort")
+
+    assert client.portal.call(to_seven) == 7
+    auth = {"authorization": "Bearer sekrit"}
+    r = client.post("/v1/chat/completions", headers=auth, json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert r.json()["weight_version"] == 7 and r.headers["x-weight-version"] == "7"
+
+
+def test_weight_sync_routes_mount(tiny_qwen3):
+    """`weight_sync=shm` mounts megagym.weights.sync's router on this app (same app.state contract)."""
+    pytest.importorskip("megagym.weights.sync.routes")
+    cfg = ServerConfig(model=str(tiny_qwen3), weight_sync="shm")
+    app = create_app(cfg, engine_factory=None)
+    assert any(getattr(r, "path", "") == "/weights/info" for r in app.routes)
