@@ -32,7 +32,7 @@ from fastapi import Body, FastAPI, Request
 
 
 def build_app(model: str, backend: str = "shm", max_model_len: int = 512, dtype: str = "float32",
-              load_format: str = "auto") -> FastAPI:
+              load_format: str = "auto", gpu_memory_utilization: float | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -41,7 +41,9 @@ def build_app(model: str, backend: str = "shm", max_model_len: int = 512, dtype:
         from megagym.weights.sync.engine_side import engine_kwargs
 
         args = AsyncEngineArgs(model=model, dtype=dtype, enforce_eager=True, max_model_len=max_model_len,
-                               max_num_seqs=16, load_format=load_format, **engine_kwargs(backend))
+                               max_num_seqs=16, load_format=load_format, **engine_kwargs(backend),
+                               **({"gpu_memory_utilization": gpu_memory_utilization}
+                                  if gpu_memory_utilization is not None else {}))
         app.state.engine = AsyncLLM.from_engine_args(args)
         app.state.weight_version = 0
         try:
@@ -179,9 +181,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--load-format", default="auto", help="'dummy': random weights, config.json only")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None, help="GPU only")
     a = p.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    uvicorn.run(build_app(a.model, a.backend, a.max_model_len, a.dtype, a.load_format), host="127.0.0.1", port=a.port, log_level="warning")
+    uvicorn.run(build_app(a.model, a.backend, a.max_model_len, a.dtype, a.load_format,
+                          a.gpu_memory_utilization), host="127.0.0.1", port=a.port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +81,7 @@ class WeightSyncState:
     buckets: int = 0
     started_at: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase, last update
+    on_version: Callable[[int], None] | None = None  # called with the new version before resume
     _watchdog: asyncio.Task | None = None
 
     # -- one step each; callers hold no lock between steps, `active` guards the session ------
@@ -153,6 +154,8 @@ class WeightSyncState:
                 raise WeightSyncError(f"finishing the weight update failed: {exc}") from exc
             self.weight_version = new_version
             self.consistent = True
+            if self.on_version is not None:
+                self.on_version(new_version)
             self._end()
             t0 = time.monotonic()
             await engine.resume_generation()

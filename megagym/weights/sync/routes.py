@@ -37,7 +37,8 @@ router = APIRouter(prefix="/weights", tags=["weight-sync"])
 def sync_state(app) -> WeightSyncState:
     state = getattr(app.state, "weight_sync", None)
     if state is None:
-        state = WeightSyncState(weight_version=int(getattr(app.state, "weight_version", 0) or 0))
+        state = WeightSyncState(weight_version=int(getattr(app.state, "weight_version", 0) or 0),
+                                on_version=lambda v: setattr(app.state, "weight_version", v))
         app.state.weight_sync = state
     return state
 
@@ -93,8 +94,7 @@ async def update(request: Request, update_info: dict[str, Any] | list[dict[str, 
 @router.post("/finish")
 async def finish(request: Request, weight_version: int | None = Body(None, embed=True)):
     async def step(state, engine):
-        version = await state.finish(engine, weight_version)
-        request.app.state.weight_version = version
+        version = await state.finish(engine, weight_version)  # sets app.state.weight_version
         return {"weight_version": version, "timings": state.timings}
 
     return await _run(request, step)
