@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megagym.gym.config import GymConfig
+from megagym.rollout.config import RolloutConfig
 from megagym.trainer.config import CheckpointConfig, GRPOConfig, ModelConfig, OptimConfig, ParallelConfig
 
 
@@ -29,6 +31,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    env: GymConfig = field(default_factory=GymConfig)  # the Gym environments and how Gym is launched
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     # Sections are added here as the packages that own them land:
     #   server  -> megagym.server.config.ServerConfig
-    #   gym / rollout -> megagym.gym.config / megagym.rollout.config

@@ -1,0 +1,84 @@
+"""`megagym gym start|stop CONFIG [key=value ...]`: run the Gym stack of a run configuration.
+
+Owns: the command line around `GymStack`. `start` composes and starts Gym from the config's
+`env:` section, waits until every server is up, prints the agents, then stays in the foreground
+until Ctrl-C / SIGTERM and stops everything (or, with `--detach`, leaves the stack running and
+returns). `stop` stops a detached stack from the state file in its run directory. The policy
+servers' URLs come from `env.policy_base_urls` (set them in the YAML or as an override).
+Must not: start policy servers or training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from megagym.config.loader import ConfigError, load
+
+
+def _load(config: str, overrides: list[str]):
+    from megagym.config.schema import RunConfig
+
+    cfg = load(RunConfig, config, overrides)
+    env = cfg.env
+    run_dir = Path(env.run_dir) if env.run_dir else Path(cfg.run.output_dir) / "gym"
+    return env, run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="megagym gym", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    ps = sub.add_parser("start", help="start the Gym servers of CONFIG's env: section")
+    ps.add_argument("config")
+    ps.add_argument("overrides", nargs="*", help="dotted overrides, e.g. env.policy_base_urls=[http://...]")
+    ps.add_argument("--detach", action="store_true", help="return once ready; stop later with `gym stop`")
+    pt = sub.add_parser("stop", help="stop a detached Gym stack of CONFIG")
+    pt.add_argument("config")
+    pt.add_argument("overrides", nargs="*")
+    a = p.parse_args(argv)
+
+    from megagym.gym.process import GymError, GymStack, stop_from_state
+
+    try:
+        env, run_dir = _load(a.config, a.overrides)
+        if a.cmd == "stop":
+            left = stop_from_state(run_dir, env.stop_timeout_s)
+            if left:
+                print("megagym gym stop: still alive:\n  " + "\n  ".join(left), file=sys.stderr)
+                return 1
+            print(f"megagym gym stop: stopped the Gym stack of {run_dir}")
+            return 0
+        t0 = time.monotonic()
+        stack = GymStack.start(env, run_dir=run_dir)
+    except (ConfigError, GymError) as e:
+        print(f"megagym gym {a.cmd}: {e}", file=sys.stderr)
+        return 2
+    print(f"megagym gym start: ready in {time.monotonic() - t0:.1f}s; head server {stack.head_url}; "
+          f"log {stack.plan.log_file}")
+    for agent, url in sorted(stack.agents.items()):
+        env_name = stack.agent_to_env.get(agent, "-")
+        print(f"  {env_name:<28} {agent:<40} {url}/run")
+    if a.detach:
+        import atexit
+
+        atexit.unregister(stack.stop)
+        print(f"detached; stop with: megagym gym stop {a.config} {' '.join(a.overrides)}".rstrip())
+        return 0
+    try:
+        while True:
+            dead = stack.dead_servers()
+            if dead:
+                print("megagym gym: Gym servers died: " + "; ".join(f"{k}: {v}" for k, v in dead.items()),
+                      file=sys.stderr)
+                return 1
+            time.sleep(2.0)
+    except (KeyboardInterrupt, SystemExit):
+        return 0
+    finally:
+        left = stack.stop()
+        if left:
+            print("megagym gym: still alive after stop:\n  " + "\n  ".join(left), file=sys.stderr)
+        else:
+            print("megagym gym: stopped; no process of the stack is left")

@@ -1,0 +1,234 @@
+"""The rollout manager: Gym rows in, finished `RolloutGroup`s out, in completion order.
+
+Owns: loading each environment's Gym JSONL rows (stamping `agent_ref` where a row has none),
+stamping the training sampling parameters and `max_output_tokens` into every row, sending `n`
+rollouts per row (a group) to the row's agent `POST {agent}/run` under one concurrency bound,
+bounding every request in time, retrying transport errors, timeouts and HTTP 5xx with exponential
+back-off, failing fast when a Gym server the agent needs is dead, turning results into `Sample`s
+(`trajectory.py`) and streaming each group back as soon as its last rollout finishes.
+
+Failure policy: a rollout that still fails after its retries (or whose Gym server is dead, or
+whose trajectory has no generated tokens) is recorded in its group's `failures` with its reason
+and left out of `samples`; the group keeps its other samples (GRPO's baseline is then taken over
+them) unless `rollout.drop_group_on_failure` drops the whole group. The batch always goes on.
+A broken token contiguity is not a failure but a bug: `ContiguityError` ends the batch.
+Must not: import nemo_gym or torch, or change a row beyond the stamped fields.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import random
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Sequence
+
+import httpx
+
+from megagym.data.dataset import read_rows
+from megagym.gym.compose import gym_install_root
+from megagym.gym.config import GymConfig, resolve_environments, resolve_path
+from megagym.rollout.config import RolloutConfig
+from megagym.rollout.metrics import Progress, RolloutMetrics
+from megagym.rollout.trajectory import ContiguityError, TrajectoryError, trajectory_to_sample
+from megagym.types import RolloutGroup, Sample
+
+AGENT_TYPE = "responses_api_agents"
+
+
+def load_env_rows(cfg: GymConfig, split: str = "train", limit: int | None = None) -> list[dict]:
+    """Rows of every environment of the run, in environment order; each row names its agent."""
+    if split not in ("train", "validation"):
+        raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
+    specs = resolve_environments(cfg)
+    gym_root = None
+    rows: list[dict] = []
+    for name, spec in specs.items():
+        path = getattr(spec, f"{split}_data")
+        if not path:
+            continue
+        if path.startswith("gym:") and gym_root is None:
+            gym_root = gym_install_root(cfg.venv)
+        for row in read_rows(resolve_path(path, gym_root), limit=limit):
+            if not isinstance(row.get("agent_ref"), dict) or not row["agent_ref"].get("name"):
+                row["agent_ref"] = {"type": AGENT_TYPE, "name": spec.agent}
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"no {split} rows: none of {list(specs)} names {split}_data")
+    return rows
+
+
+def stamp_row(row: dict, cfg: RolloutConfig) -> dict:
+    """A copy of `row` whose sampling parameters are the training ones."""
+    body = copy.deepcopy(row)
+    params = body.setdefault("responses_create_params", {})
+    params["temperature"] = cfg.temperature
+    params["top_p"] = cfg.top_p
+    params["max_output_tokens"] = cfg.max_output_tokens
+    return body
+
+
+@dataclass
+class _Done:
+    row_index: int
+    result: dict | None = None
+    failure: str | None = None
+
+
+class RolloutManager:
+    """Runs groups of rollouts through Gym agents and streams `RolloutGroup`s back.
+
+    `agents` maps agent instance names to base URLs and `agent_to_env` names the environment of
+    each agent (both come from a running `GymStack`, which also answers which servers are dead).
+    """
+
+    def __init__(self, cfg: RolloutConfig, stack=None, *, agents: dict[str, str] | None = None,
+                 agent_to_env: dict[str, str] | None = None, success_threshold: float = 1.0):
+        self.cfg = cfg
+        self.stack = stack
+        self.agents = dict(agents if agents is not None else (stack.agents if stack else {}))
+        self.agent_to_env = dict(agent_to_env if agent_to_env is not None else
+                                 (stack.agent_to_env if stack else {}))
+        if not self.agents:
+            raise ValueError("RolloutManager needs a GymStack or an agents mapping")
+        self.weight_version = 0
+        self.success_threshold = success_threshold
+        self.metrics = RolloutMetrics(success_threshold)
+        self.dead_reported: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ public API
+    def agent_of(self, row: dict, row_index: int) -> str:
+        ref = row.get("agent_ref")
+        name = ref.get("name") if isinstance(ref, dict) else None
+        if not name:
+            raise ValueError(f"row {row_index} has no agent_ref.name (load rows with load_env_rows, "
+                             "which stamps each environment's agent)")
+        if name not in self.agents:
+            raise ValueError(f"row {row_index} routes to agent '{name}', which this Gym stack does not "
+                             f"run (agents: {', '.join(sorted(self.agents))})")
+        return name
+
+    async def generate(self, rows: Sequence[dict], indices: Sequence[int] | None = None
+                       ) -> AsyncIterator[RolloutGroup]:
+        """Yield one `RolloutGroup` per row, in completion order; `row_index` = indices[i] (or i)."""
+        indices = list(range(len(rows))) if indices is None else list(indices)
+        if len(indices) != len(rows):
+            raise ValueError(f"{len(rows)} rows but {len(indices)} indices")
+        agents = [self.agent_of(row, i) for row, i in zip(rows, indices)]
+        bodies = [stamp_row(row, self.cfg) for row in rows]
+        n = self.cfg.n
+        self.metrics = metrics = RolloutMetrics(self.success_threshold)
+        progress = Progress(len(rows) * n, self.cfg.progress)
+        sem = asyncio.Semaphore(self.cfg.max_concurrency)
+        limits = httpx.Limits(max_connections=self.cfg.max_concurrency,
+                              max_keepalive_connections=self.cfg.max_concurrency)
+        queue: asyncio.Queue[tuple[int, _Done]] = asyncio.Queue()
+        t0 = time.monotonic()
+        async with httpx.AsyncClient(limits=limits, timeout=self.cfg.request_timeout_s) as client:
+
+            async def one(pos: int) -> None:
+                async with sem:
+                    done = await self._run_one(client, agents[pos], bodies[pos], indices[pos])
+                await queue.put((pos, done))
+
+            tasks = [asyncio.create_task(one(pos)) for pos in range(len(rows)) for _ in range(n)]
+            pending: dict[int, list[_Done]] = {}
+            try:
+                for _ in range(len(tasks)):
+                    pos, done = await queue.get()
+                    pending.setdefault(pos, []).append(done)
+                    progress.update(done.result.get("reward") if done.result else None)
+                    if len(pending[pos]) == n:
+                        group = self._group(indices[pos], agents[pos], pending.pop(pos), metrics)
+                        metrics.groups += 1
+                        metrics.seconds = time.monotonic() - t0
+                        yield group
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                progress.close()
+                metrics.seconds = time.monotonic() - t0
+
+    def collect(self, rows: Sequence[dict], indices: Sequence[int] | None = None) -> list[RolloutGroup]:
+        """Synchronous helper: all groups of `rows`, in completion order."""
+
+        async def _all() -> list[RolloutGroup]:
+            return [g async for g in self.generate(rows, indices)]
+
+        return asyncio.run(_all())
+
+    # ------------------------------------------------------------------ internals
+    def _group(self, row_index: int, agent: str, dones: list[_Done], metrics: RolloutMetrics) -> RolloutGroup:
+        env = self.agent_to_env.get(agent, agent)
+        samples: list[Sample] = []
+        failures: list[str] = []
+        for d in dones:
+            if d.failure is None:
+                try:
+                    s = trajectory_to_sample(d.result, row_index, env, self.weight_version)
+                except ContiguityError:
+                    raise
+                except TrajectoryError as e:
+                    d.failure = f"no training sample: {e}"
+                else:
+                    samples.append(s)
+                    metrics.add_sample(s)
+                    continue
+            failures.append(d.failure)
+            metrics.add_failure(env, d.failure)
+        if failures and self.cfg.drop_group_on_failure:
+            samples = []
+        return RolloutGroup(row_index=row_index, env=env, samples=samples, failures=failures)
+
+    def _dead_dependency(self, agent: str) -> str | None:
+        if self.stack is None:
+            return None
+        dead = self.stack.dead_servers()
+        if not dead:
+            return None
+        for name, why in dead.items():
+            if name not in self.dead_reported:
+                self.dead_reported[name] = why
+                print(f"megagym rollout: Gym server '{name}' is dead: {why}", flush=True)
+        if "gym" in dead:
+            return f"gym server dead: {dead['gym']}"
+        for name in self.stack.agent_dependencies(agent):
+            if name in dead:
+                return f"gym server dead: '{name}' ({dead[name]})"
+        return None
+
+    async def _run_one(self, client: httpx.AsyncClient, agent: str, body: dict, row_index: int) -> _Done:
+        url = f"{self.agents[agent].rstrip('/')}/run"
+        cfg = self.cfg
+        error = "not attempted"
+        attempts = 0
+        for attempt in range(cfg.max_retries + 1):
+            attempts = attempt + 1
+            try:
+                r = await asyncio.wait_for(client.post(url, json=body), timeout=cfg.request_timeout_s)
+            except (asyncio.TimeoutError, httpx.TimeoutException):
+                error = f"timeout: no answer from {agent}/run within {cfg.request_timeout_s:g}s"
+            except httpx.TransportError as e:
+                error = f"transport error: {type(e).__name__}: {e}"
+            else:
+                if r.status_code < 400:
+                    try:
+                        result = r.json()
+                    except ValueError:
+                        error = f"bad response: {agent}/run answered non-JSON"
+                    else:
+                        return _Done(row_index, result=result)
+                elif r.status_code < 500:
+                    return _Done(row_index, failure=f"HTTP {r.status_code}: {agent}/run rejected the row: "
+                                                    f"{r.text[:300]}")
+                else:
+                    error = f"HTTP {r.status_code}: {agent}/run failed: {r.text[:300]}"
+            dead = await asyncio.to_thread(self._dead_dependency, agent)
+            if dead:
+                return _Done(row_index, failure=f"{dead}; last error: {error}")
+            if attempt < cfg.max_retries:
+                delay = min(cfg.backoff_s * (2 ** attempt), cfg.backoff_max_s)
+                await asyncio.sleep(delay * (0.5 + random.random()))
+        return _Done(row_index, failure=f"{error} (after {attempts} attempts)")
