@@ -116,6 +116,7 @@ def compose(
     write: bool = True,
 ) -> LaunchPlan:
     """Build the launch plan of a Gym stack (and, with `write`, its overrides file and venv links)."""
+    envs = resolve_environments(cfg)
     urls = list(policy_base_urls if policy_base_urls is not None else cfg.policy_base_urls)
     if not urls:
         raise ConfigError(
@@ -125,7 +126,6 @@ def compose(
     model_name = policy_model_name or cfg.policy_model_name
     if not model_name:
         raise ConfigError("env.policy_model_name is empty: name the model the policy servers serve")
-    envs = resolve_environments(cfg)
     venv = resolve_path(cfg.venv)
     gym_root = gym_install_root(venv)
     gym_bin = venv / "bin" / "gym"

@@ -28,7 +28,7 @@ import httpx
 import yaml
 
 from megagym.gym.compose import RUN_MARKER_ENV, LaunchPlan, compose
-from megagym.gym.config import GymConfig
+from megagym.gym.config import GymConfig, resolve_environments
 
 STATE_FILE = "gym_stack.json"
 
@@ -163,6 +163,7 @@ class GymStack:
     def start(cls, cfg: GymConfig, policy_base_urls: list[str] | None = None,
               policy_model_name: str | None = None, run_dir: str | Path | None = None) -> "GymStack":
         """Compose, launch and wait for a Gym stack; on any failure everything started is stopped."""
+        resolve_environments(cfg)  # an unknown environment fails before anything else
         urls = list(policy_base_urls if policy_base_urls is not None else cfg.policy_base_urls)
         name = policy_model_name or cfg.policy_model_name or (model_name_of(urls[0]) if urls else "")
         plan = compose(cfg, urls, name, run_dir)

@@ -84,7 +84,8 @@ class RolloutManager:
     """
 
     def __init__(self, cfg: RolloutConfig, stack=None, *, agents: dict[str, str] | None = None,
-                 agent_to_env: dict[str, str] | None = None, success_threshold: float = 1.0):
+                 agent_to_env: dict[str, str] | None = None, success_threshold: float = 1.0,
+                 keep_results: bool = False, transport: httpx.AsyncBaseTransport | None = None):
         self.cfg = cfg
         self.stack = stack
         self.agents = dict(agents if agents is not None else (stack.agents if stack else {}))
@@ -96,6 +97,9 @@ class RolloutManager:
         self.success_threshold = success_threshold
         self.metrics = RolloutMetrics(success_threshold)
         self.dead_reported: dict[str, str] = {}
+        self.keep_results = keep_results  # keep raw /run answers in `results[row_index]` (debugging, tests)
+        self.results: dict[int, list[dict]] = {}
+        self._transport = transport  # tests inject a fake transport
 
     # ------------------------------------------------------------------ public API
     def agent_of(self, row: dict, row_index: int) -> str:
@@ -125,7 +129,9 @@ class RolloutManager:
                               max_keepalive_connections=self.cfg.max_concurrency)
         queue: asyncio.Queue[tuple[int, _Done]] = asyncio.Queue()
         t0 = time.monotonic()
-        async with httpx.AsyncClient(limits=limits, timeout=self.cfg.request_timeout_s) as client:
+        self.results = {}
+        async with httpx.AsyncClient(limits=limits, timeout=self.cfg.request_timeout_s,
+                                     transport=self._transport) as client:
 
             async def one(pos: int) -> None:
                 async with sem:
@@ -164,6 +170,8 @@ class RolloutManager:
         env = self.agent_to_env.get(agent, agent)
         samples: list[Sample] = []
         failures: list[str] = []
+        if self.keep_results:
+            self.results[row_index] = [d.result for d in dones if d.result is not None]
         for d in dones:
             if d.failure is None:
                 try:
