@@ -251,6 +251,8 @@ async def _json_body(request: Request) -> Any:
 
     raw = await request.body()
     try:
+        if len(raw) > (1 << 18):  # long histories: keep the event loop free while parsing
+            return await asyncio.to_thread(json.loads, raw)
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError(f"body: invalid JSON ({e})", "body") from None
@@ -303,7 +305,7 @@ def _choice(req: ChatCompletionRequest, out: Any, prompt_ids: list[int], state: 
     gen_logps = [max(float(steps[i][t].logprob), LOGPROB_FLOOR) for i, t in enumerate(gen_ids)] if steps else []
     text = out.text
     shim = SimpleNamespace(
-        messages=[m.model_dump(exclude_none=True) for m in req.messages], tools=req.tools, tool_choice=req.tool_choice,
+        messages=req.messages, tools=req.tools, tool_choice=req.tool_choice,
         chat_template_kwargs={**cfg.chat_template_kwargs, **(req.chat_template_kwargs or {})},
         skip_special_tokens=True, include_reasoning=True,
     )
@@ -322,6 +324,9 @@ def _choice(req: ChatCompletionRequest, out: Any, prompt_ids: list[int], state: 
                     "function": {"name": call.function.name, "arguments": call.function.arguments},
                 })
     finish = out.finish_reason or "stop"
+    stop_reason = out.stop_reason
+    if finish not in ("stop", "length"):  # "abort" (paused with mode=abort): not an OpenAI value
+        finish, stop_reason = "length", finish
     if tool_calls and finish == "stop":
         finish = "tool_calls"
     message: dict[str, Any] = {"role": "assistant", "content": content, "tool_calls": tool_calls}
@@ -332,7 +337,7 @@ def _choice(req: ChatCompletionRequest, out: Any, prompt_ids: list[int], state: 
     message["generation_token_ids"] = gen_ids
     message["generation_log_probs"] = gen_logps
     choice: dict[str, Any] = {"index": out.index, "message": message, "finish_reason": finish, "logprobs": None,
-                              "stop_reason": out.stop_reason}
+                              "stop_reason": stop_reason}
     if req.logprobs:
         as_ids = bool(req.return_tokens_as_token_ids)
         top_n = int(req.top_logprobs or 0)

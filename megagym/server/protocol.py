@@ -32,7 +32,10 @@ class ChatMessage(BaseModel):
     generation_log_probs: Optional[list[Any]] = None
 
     def template_dict(self) -> dict[str, Any]:
-        d = self.model_dump(exclude_none=True)
+        # shallow on purpose: token-id lists are referenced, not copied (histories can be 32k ids)
+        d = {k: v for k, v in self.__dict__.items() if v is not None}
+        if self.__pydantic_extra__:
+            d.update((k, v) for k, v in self.__pydantic_extra__.items() if v is not None)
         if d.get("role") == "developer":
             d["role"] = "system"
         # vLLM >= 0.16 spells it `reasoning`; templates (Qwen3) read `reasoning_content`

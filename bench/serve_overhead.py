@@ -1,0 +1,198 @@
+"""Benchmark: megagym's policy server against vLLM's own OpenAI server, and the on-policy fix cost.
+
+Part 1 (`serve`): the same tiny random Qwen3, the same load — C concurrent conversations of T turns
+(each turn: POST /v1/chat/completions with tools, logprobs and token ids, `max_tokens` new tokens;
+the answer goes back into the history with its token fields, as Gym does, then a user turn) —
+against `megagym serve` and `python -m vllm.entrypoints.openai.api_server`, one server at a time.
+Prints requests/s and p50/p99 latency side by side with the ratio (megagym / vLLM).
+
+Part 2 (`fix`): CPU cost of building the prompt of one call whose history holds H tokens
+(1k .. 32k; Qwen3 template with tools, HF fast tokenizer), three ways: the plain template
+(no fix), the peers' fix (render + tokenize the whole history twice), megagym's fix (render twice,
+tokenize only the tail after the last assistant message). Prints ms per call and the ratio.
+
+    .venv/bin/python bench/serve_overhead.py                  # both parts, defaults below
+    .venv/bin/python bench/serve_overhead.py fix              # only the fix cost
+    .venv/bin/python bench/serve_overhead.py serve --conversations 64 --turns 8 --max-tokens 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather for a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+    {"type": "function", "function": {
+        "name": "search", "description": "Search the web.",
+        "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}}},
+]
+
+
+# -- part 1: serving ------------------------------------------------------------------------------
+
+
+async def conversation(client, model, turns, max_tokens, latencies, errors, cid):
+    messages = [{"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": f"Conversation {cid}: what is the weather in Paris?"}]
+    for turn in range(turns):
+        body = {"model": model, "messages": messages, "tools": TOOLS, "max_tokens": max_tokens,
+                "temperature": 1.0, "top_p": 1.0, "logprobs": True, "top_logprobs": 0,
+                "return_tokens_as_token_ids": True}
+        t0 = time.perf_counter()
+        r = await client.post("/v1/chat/completions", json=body)
+        latencies.append(time.perf_counter() - t0)
+        if r.status_code != 200:
+            errors.append(r.text[:300])
+            return
+        msg = r.json()["choices"][0]["message"]
+        hist = {"role": "assistant", "content": msg.get("content") or ""}
+        for f in ("prompt_token_ids", "generation_token_ids", "generation_log_probs"):
+            if f in msg:
+                hist[f] = msg[f]
+        messages += [hist, {"role": "user", "content": f"Thanks. Turn {turn + 1}: and tomorrow?"}]
+
+
+async def drive(base_url, model, conversations, turns, max_tokens):
+    import httpx
+
+    limits = httpx.Limits(max_connections=conversations + 4, max_keepalive_connections=conversations + 4)
+    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
+        # warm-up (the first CPU request compiles / allocates for ~20 s)
+        await asyncio.gather(*(conversation(client, model, 1, 4, [], [], -i) for i in range(4)))
+        latencies, errors = [], []
+        t0 = time.perf_counter()
+        await asyncio.gather(*(conversation(client, model, turns, max_tokens, latencies, errors, i)
+                               for i in range(conversations)))
+        wall = time.perf_counter() - t0
+    return latencies, errors, wall
+
+
+def pct(values, p):
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+def run_serve(args, model_dir):
+    from megagym.server.process import ServerProcess, free_port
+
+    results = {}
+    for name in (("vllm", "megagym") if args.vllm_first else ("megagym", "vllm")):
+        port = free_port()
+        if name == "megagym":
+            srv = ServerProcess(str(model_dir), port=port, overrides=[
+                "dtype=float32", f"max_model_len={args.max_model_len}", "kv_cache_gib=1"])
+        else:
+            srv = ServerProcess(str(model_dir), port=port, command=[
+                sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+                "--dtype", "float32", "--max-model-len", str(args.max_model_len), "--enforce-eager",
+                "--host", "127.0.0.1", "--port", str(port), "--enable-auto-tool-choice",
+                "--tool-call-parser", "hermes", "--disable-log-stats"])
+        print(f"[{name}] starting ...", flush=True)
+        with srv:
+            lat, errors, wall = asyncio.run(drive(srv.base_url, str(model_dir), args.conversations, args.turns,
+                                                  args.max_tokens))
+        if errors:
+            print(f"[{name}] {len(errors)} errors, first: {errors[0]}", flush=True)
+        results[name] = dict(n=len(lat), rps=len(lat) / wall, p50=pct(lat, 50), p99=pct(lat, 99),
+                             mean=statistics.mean(lat), errors=len(errors), wall=wall)
+        print(f"[{name}] {results[name]}", flush=True)
+    m, v = results["megagym"], results["vllm"]
+    print(f"\nserving: {args.conversations} concurrent conversations x {args.turns} turns, "
+          f"{args.max_tokens} new tokens per call, tiny Qwen3 fp32 on CPU")
+    print(f"{'':12}{'megagym':>12}{'vLLM':>12}{'ratio':>10}")
+    print(f"{'requests/s':12}{m['rps']:12.2f}{v['rps']:12.2f}{m['rps'] / v['rps']:10.2f}")
+    print(f"{'p50 (s)':12}{m['p50']:12.3f}{v['p50']:12.3f}{m['p50'] / v['p50']:10.2f}")
+    print(f"{'p99 (s)':12}{m['p99']:12.3f}{v['p99']:12.3f}{m['p99'] / v['p99']:10.2f}")
+    print(f"{'errors':12}{m['errors']:12d}{v['errors']:12d}")
+    return results
+
+
+# -- part 2: the fix ------------------------------------------------------------------------------
+
+
+def history_of(chat, target_tokens, rng):
+    """A tool-using conversation whose rendered history holds about `target_tokens` tokens."""
+    words = ["weather", " Skinny", " Paris", " sunny", " 42", "温度", " the", " forecast", " is", "\n"]
+    messages = [{"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "Plan my week."}]
+    prompt = chat.prompt_ids(messages, tools=TOOLS).token_ids
+    while True:
+        text = "".join(rng.choice(words) for _ in range(120))
+        gen = chat.encode(text) + [chat.turn_end_id]
+        call = {"id": f"c{len(messages)}", "type": "function",
+                "function": {"name": "search", "arguments": '{"query": "x"}'}}
+        messages.append({"role": "assistant", "content": text, "tool_calls": [call], "prompt_token_ids": prompt,
+                         "generation_token_ids": gen, "generation_log_probs": [-1.0] * len(gen)})
+        messages.append({"role": "tool", "tool_call_id": call["id"], "content": "result " * 40})
+        p = chat.prompt_ids(messages, tools=TOOLS).token_ids
+        if len(p) >= target_tokens:
+            return messages, len(p)
+        prompt = p
+
+
+def run_fix(args):
+    import random
+
+    from transformers import AutoTokenizer
+
+    from megagym.server.tokens import ChatTokenizer, prompt_ids_reference, template_messages
+    from megagym.testing.tiny_qwen3 import qwen3_tokenizer_dir
+
+    tok = AutoTokenizer.from_pretrained(str(qwen3_tokenizer_dir()))
+    chat = ChatTokenizer(tok)
+    rng = random.Random(0)
+
+    def timeit(fn, reps):
+        fn()
+        best = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            best.append(time.perf_counter() - t0)
+        return statistics.median(best) * 1000
+
+    print("\non-policy fix cost per call vs history length (Qwen3 template with tools, HF fast tokenizer)")
+    print(f"{'history':>9}{'no fix':>10}{'peers':>10}{'megagym':>10}{'peers/megagym':>15}")
+    for target in args.history:
+        messages, n = history_of(chat, target, rng)
+        plain = lambda: chat.encode(chat.render(template_messages(messages), tools=TOOLS))  # noqa: E731
+        peers = lambda: prompt_ids_reference(chat, messages, tools=TOOLS)  # noqa: E731
+        ours = lambda: chat.prompt_ids(messages, tools=TOOLS)  # noqa: E731
+        assert ours().token_ids == peers()
+        reps = 15 if n < 10000 else 7
+        a, b, c = timeit(plain, reps), timeit(peers, reps), timeit(ours, reps)
+        print(f"{n:9d}{a:9.1f}ms{b:9.1f}ms{c:9.1f}ms{b / c:15.1f}", flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("part", nargs="?", choices=["all", "serve", "fix"], default="all")
+    p.add_argument("--conversations", type=int, default=64)
+    p.add_argument("--turns", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--vllm-first", action="store_true", help="run vLLM's server first (order check)")
+    p.add_argument("--history", type=int, nargs="*", default=[1000, 4000, 8000, 16000, 32000])
+    args = p.parse_args(argv)
+    if args.part in ("all", "fix"):
+        run_fix(args)
+    if args.part in ("all", "serve"):
+        from megagym.testing.tiny_qwen3 import write_tiny_qwen3
+
+        with tempfile.TemporaryDirectory() as d:
+            run_serve(args, write_tiny_qwen3(Path(d) / "tiny", seed=0))
+
+
+if __name__ == "__main__":
+    main()
