@@ -75,7 +75,14 @@ class HFArch:
 
 
 def padded_vocab_size(vocab: int, divisible_by: int, tp: int) -> int:
-    multiple = divisible_by * tp
+    """Vocab rounded up to `divisible_by` (and to a multiple of tp if that does not already divide it).
+
+    Unlike Megatron-LM (divisible_by * tp) the padding does not change with TP for any tp that
+    divides `divisible_by`, so a checkpoint saved at TP=2 loads at TP=1 (convert) or TP=4.
+    """
+    import math
+
+    multiple = divisible_by if divisible_by % tp == 0 else math.lcm(divisible_by, tp)
     return ((vocab + multiple - 1) // multiple) * multiple
 
 
@@ -163,5 +170,34 @@ def build_gpt_model(arch: HFArch, dtype: torch.dtype = torch.float32, which_spec
         rotary_percent=1.0,
         rotary_base=int(arch.rope_theta),
     )
+    mark_tensor_parallel_params(model)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return model.to(device=device, dtype=dtype)
+
+
+def mark_tensor_parallel_params(model) -> int:
+    """Set Megatron's `tensor_model_parallel` attributes on the local spec's parallel layers.
+
+    megatron-core (0.16) sets them only while initialising weights; with
+    `perform_initialization=False` + `use_cpu_initialization` (weights come from HF) they are
+    missing, and the gradient norm then counts every TP shard as a duplicate: clipping (and the
+    reported grad norm) silently use the norm of one TP rank's shard only. Returns how many were set.
+    """
+    from megatron.core.tensor_parallel import layers
+
+    marked = 0
+    for module in model.modules():
+        if isinstance(module, (layers.ColumnParallelLinear, layers.VocabParallelEmbedding)):
+            dim = 0
+        elif isinstance(module, layers.RowParallelLinear):
+            dim = 1
+        else:
+            continue
+        for pname in ("weight", "bias"):
+            param = getattr(module, pname, None)
+            if pname == "bias" and dim == 1:
+                continue  # a row-parallel bias is replicated
+            if isinstance(param, torch.nn.Parameter) and not getattr(param, "tensor_model_parallel", False):
+                layers.set_tensor_model_parallel_attributes(param, True, dim, 1)
+                marked += 1
+    return marked

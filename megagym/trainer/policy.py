@@ -175,6 +175,7 @@ class Policy:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         run_schedule(self.model, mbs, loss_fn, forward_only=False)
+        lr = float(self.optimizer.param_groups[0]["lr"])  # the lr of this update
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         self.step += 1
@@ -186,7 +187,7 @@ class Policy:
             tokens=float(sums[1]),
             clip_fraction=metrics.pop("clipped"),
             grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
-            lr=float(self.optimizer.param_groups[0]["lr"]),
+            lr=lr,
             step=float(self.step),
             update_ok=float(bool(ok)),
         )
@@ -236,4 +237,7 @@ def build_optimizer(optim, model, dtype):
         start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=decay_steps,
         wd_incr_style="constant",
     )
+    # Megatron's scheduler starts at step 0 (lr 0 under warmup); count the first update as step 1 so
+    # update t (1-based) uses lr * min(1, t / warmup_steps).
+    scheduler.step(increment=1)
     return optimizer, scheduler

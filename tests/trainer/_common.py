@@ -22,6 +22,8 @@ def make_cfg(hf_path, tp=1, pp=1, **sections):
             "optim": {"lr": 1e-3, "micro_batch_tokens": 64}}
     for k, v in sections.items():
         data.setdefault(k, {}).update(v)
+    if "temperature" in data.get("grpo", {}):  # the run config requires sampling == training temperature
+        data.setdefault("rollout", {})["temperature"] = data["grpo"]["temperature"]
     return build(RunConfig, data)
 
 
