@@ -35,7 +35,7 @@ env:
     lowercase_words_simple_agent: {responses_api_agents: {simple_agent: {max_steps: 2}}}
 rollout: {n: 4, max_output_tokens: 16}
 """, ["env.head_port=12345", "env.overrides.math_with_judge.resources_servers.math_with_judge.should_use_judge=false",
-      "rollout.temperature=0.7"])
+      "rollout.temperature=0.7", "grpo.temperature=0.7"])
     plan = compose(cfg.env, run_dir=tmp_path / "gym")
     names = [p.name for p in plan.config_paths]
     assert names == ["math_with_judge.yaml", "lowercase_words.yaml", "vllm_model_for_training.yaml"]

@@ -1,0 +1,163 @@
+"""Faults on a Gym stack of its own: a resources server killed mid-batch, a policy server that hangs.
+
+The stack runs megagym's lowercase_words twice — the catalog entry and a second instance defined
+inline in the run config (a new environment through configuration only) — behind a proxy in front
+of the session's policy server that never answers requests containing HANG-ME. The batch must
+finish with exactly the affected rollouts marked failed (with their reasons) and nothing else
+lost; the dead server must be reported; `megagym gym stop` must leave no process of the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request, Response
+
+from megagym.config.schema import RunConfig
+from megagym.config import load
+from megagym.gym import GymStack
+from megagym.gym.cli import main as gym_cli
+from megagym.gym.compose import free_port
+from megagym.gym.process import marker_pids
+from megagym.rollout import RolloutConfig, RolloutManager, load_env_rows
+
+pytestmark = [pytest.mark.gym, pytest.mark.slow]
+
+SECOND_ENV = """\
+lowercase_words_b:
+  resources_servers:
+    lowercase_words:
+      entrypoint: app.py
+      domain: other
+      verified: false
+      description: second instance of lowercase_words
+lowercase_words_b_agent:
+  responses_api_agents:
+    simple_agent:
+      entrypoint: app.py
+      max_steps: 1
+      resources_server: {type: resources_servers, name: lowercase_words_b}
+      model_server: {type: responses_api_models, name: policy_model}
+lowercase_words_b_environment_server:
+  environment_servers:
+    legacy_agent:
+      entrypoint: app.py
+      agent_server: {type: responses_api_agents, name: lowercase_words_b_agent}
+"""
+
+
+class HangingProxy:
+    """Forwards to the policy server; requests whose body contains HANG-ME never get an answer."""
+
+    def __init__(self, upstream: str):
+        app = FastAPI()
+        self.hung = 0
+
+        @app.api_route("/{path:path}", methods=["GET", "POST"])
+        async def proxy(path: str, request: Request):
+            body = await request.body()
+            if b"HANG-ME" in body:
+                self.hung += 1
+                await asyncio.sleep(3600)
+            async with httpx.AsyncClient(timeout=120) as c:
+                r = await c.request(request.method, f"{upstream}/{path}", content=body,
+                                    headers={"content-type": request.headers.get("content-type", "application/json")})
+            return Response(r.content, status_code=r.status_code, media_type=r.headers.get("content-type"))
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    timeout_graceful_shutdown=1))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def test_killed_server_and_hung_policy(policy, tmp_path):
+    url, model = policy
+    (tmp_path / "lowercase_words_b.yaml").write_text(SECOND_ENV)
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(f"""
+run: {{output_dir: {tmp_path}/run}}
+env:
+  environments: [lowercase_words, lowercase_words_b]
+  definitions:
+    lowercase_words_b:
+      gym_configs: [{tmp_path}/lowercase_words_b.yaml]
+      agent: lowercase_words_b_agent
+      extra_roots: [envs]
+      train_data: envs/resources_servers/lowercase_words/data/train.jsonl
+  policy_model_name: {model}
+  start_timeout_s: 300
+""")
+    with HangingProxy(url.removesuffix("/v1")) as proxy:
+        cfg = load(RunConfig, run_yaml, [f"env.policy_base_urls=[http://127.0.0.1:{proxy.port}/v1]"])
+        stack = GymStack.start(cfg.env, run_dir=tmp_path / "run" / "gym")
+        try:
+            rows = load_env_rows(cfg.env, "train", limit=6)
+            a_rows = [r for r in rows if r["agent_ref"]["name"] == "lowercase_words_simple_agent"][:3]
+            # rows without agent_ref in the data get their environment's agent: the second instance
+            b_rows = [dict(r, agent_ref={"type": "responses_api_agents", "name": "lowercase_words_b_agent"})
+                      for r in rows[:6]]
+            hang_rows = [{"responses_create_params": {"input": [{"role": "user", "content": f"HANG-ME {i}"}]},
+                          "agent_ref": {"name": "lowercase_words_simple_agent"}} for i in range(2)]
+            batch = a_rows + b_rows + hang_rows
+            kinds = ["a"] * len(a_rows) + ["b"] * len(b_rows) + ["hang"] * len(hang_rows)
+            rc = RolloutConfig(n=2, max_output_tokens=16, max_concurrency=4, request_timeout_s=6, max_retries=1,
+                               backoff_s=0.2, progress=False)
+            mgr = RolloutManager(rc, stack)
+            victim = stack.server_pid("lowercase_words_b")
+
+            async def run():
+                out, killed = [], False
+                async for g in mgr.generate(batch):
+                    out.append(g)
+                    if not killed:
+                        os.kill(victim, signal.SIGKILL)
+                        killed = True
+                return out
+
+            t0 = time.monotonic()
+            groups = asyncio.run(run())
+            elapsed = time.monotonic() - t0
+            assert elapsed < 50, f"batch took {elapsed:.0f}s"
+            assert sorted(g.row_index for g in groups) == list(range(len(batch)))
+            b_failures = []
+            for g in groups:
+                kind = kinds[g.row_index]
+                assert len(g.samples) + len(g.failures) == rc.n, "every rollout is either a sample or a failure"
+                if kind == "a":
+                    assert g.failures == [] and len(g.samples) == rc.n
+                elif kind == "hang":
+                    assert g.samples == [] and all(f.startswith("timeout") for f in g.failures), g.failures
+                else:
+                    b_failures += g.failures
+            assert b_failures, "rollouts after the kill must fail"
+            assert all("gym server dead: 'lowercase_words_b'" in f for f in b_failures), b_failures
+            assert "lowercase_words_b" in mgr.dead_reported
+            assert "lowercase_words_b" in stack.dead_servers()
+            assert proxy.hung >= 2
+            m = mgr.metrics.summary()
+            assert m["rollout/lowercase_words/failures"] == 2 * rc.n
+            assert m["rollout/lowercase_words_b/failures"] == len(b_failures)
+        finally:
+            # stop through the CLI (state file in the run directory), then check nothing is left
+            rc_stop = gym_cli(["stop", str(run_yaml)])
+            stack.stop()
+            left = marker_pids(stack.run_id)
+        assert rc_stop == 0 and left == [], f"left after stop: {left}"
