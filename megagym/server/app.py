@@ -146,11 +146,13 @@ def create_app(cfg: ServerConfig, *, engine_factory: Callable[[ServerConfig], Aw
         return error_response(message, 400, param)
 
     @app.exception_handler(RequestError)
-    async def on_request_error(_: Request, exc: RequestError):
+    async def on_request_error(request: Request, exc: RequestError):
+        log.warning("%s %s -> %d: %.300s", request.method, request.url.path, exc.status, exc)
         return error_response(str(exc), exc.status, exc.param)
 
     @app.exception_handler(TokenFixError)
-    async def on_token_error(_: Request, exc: TokenFixError):
+    async def on_token_error(request: Request, exc: TokenFixError):
+        log.warning("%s %s -> 400: %.300s", request.method, request.url.path, exc)
         return error_response(str(exc), 400, "messages")
 
     @app.get("/health")

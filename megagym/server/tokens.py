@@ -245,7 +245,8 @@ class ChatTokenizer:
             raise TokenFixError(
                 f"{where}: prompt_token_ids + generation_token_ids hold {have} {self.turn_end_text!r} turn "
                 f"ends but the messages up to this one render {k - 1} before it: the token fields do not "
-                f"belong to this history (edited, truncated or from another conversation).\n"
+                f"belong to this history (history edited or truncated, tools or system prompt changed "
+                f"since that call, or fields from another conversation).\n"
                 f"model prefix (decoded): {_tail(self.decode(model_prefix))!r}\n"
                 f"template prefix (decoded): {_tail(prefix)!r}"
             )
