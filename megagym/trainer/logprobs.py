@@ -4,7 +4,7 @@ Contract with the policy server: the engine reports logprobs of the temperature-
 distribution, so the trainer computes `log_softmax(logits / temperature)` at the sampled tokens,
 in float32, over the true vocabulary (Megatron's padding columns are excluded). `token_logprobs`
 is the one function that does this; it is TP-aware (each rank holds a vocab slice) and
-differentiable. Must not: know about losses, batches or models.
+differentiable (a fused autograd function that also yields the entropy from the same softmax). Must not: know about losses, batches or models.
 """
 
 from __future__ import annotations
@@ -23,41 +23,81 @@ def _tp():
 
 
 def scaled_logits(logits: torch.Tensor, temperature: float, true_vocab: int) -> torch.Tensor:
-    """float32 logits / temperature with this rank's padding columns (>= true_vocab) masked out."""
+    """A new float32 tensor: logits / temperature with this rank's padding columns (>= true_vocab) masked."""
     _, rank, _ = _tp()
     local = logits.shape[-1]
     start = rank * local
     x = logits.float()
-    if temperature != 1.0:
-        x = x / temperature
+    x = x / temperature if temperature != 1.0 else (x.clone() if x is logits else x)
     if start + local > true_vocab:
-        cols = torch.arange(start, start + local, device=x.device) >= true_vocab
-        x = x.masked_fill(cols, _NEG)
+        x[..., max(true_vocab - start, 0):] = _NEG
     return x
+
+
+class _VocabParallelLogprob(torch.autograd.Function):
+    """log_softmax(logits / T)[target] (differentiable) and the entropy (not) in one pass over the vocab.
+
+    Saves only the softmax for backward: d logp / d logits = (onehot(target) - softmax) / T.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, true_vocab, want_entropy):
+        group, rank, size = _tp()
+        x = scaled_logits(logits, temperature, true_vocab)
+        local = x.shape[-1]
+        start = rank * local
+        mx = x.max(dim=-1, keepdim=True).values
+        if size > 1:
+            dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)
+        x.sub_(mx)
+        in_range = (targets >= start) & (targets < start + local)
+        local_t = torch.where(in_range, targets - start, torch.zeros_like(targets))
+        picked = x.gather(-1, local_t.unsqueeze(-1)).squeeze(-1) * in_range
+        e = torch.exp(x)
+        stats = [picked, e.sum(-1)]
+        if want_entropy:
+            stats.append((e * x).sum(-1))
+        del x
+        stats = torch.stack(stats)
+        if size > 1:
+            dist.all_reduce(stats, group=group)
+        log_z = torch.log(stats[1])
+        logp = stats[0] - log_z
+        ent = log_z - stats[2] / stats[1] if want_entropy else torch.zeros_like(logp)
+        e.div_(stats[1].unsqueeze(-1))  # softmax
+        ctx.save_for_backward(e, local_t, in_range)
+        ctx.temperature = temperature
+        ctx.in_dtype = logits.dtype
+        ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_ent):
+        softmax, local_t, in_range = ctx.saved_tensors
+        g = grad_logp.float()
+        grad = softmax.mul_(-g.unsqueeze(-1))
+        grad.scatter_add_(-1, local_t.unsqueeze(-1), (g * in_range).unsqueeze(-1))
+        if ctx.temperature != 1.0:
+            grad.div_(ctx.temperature)
+        return grad.to(ctx.in_dtype), None, None, None, None
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, true_vocab: int) -> torch.Tensor:
     """log_softmax(logits / temperature)[targets] for vocab-parallel `logits` [..., V/tp]; differentiable."""
-    from megatron.core import tensor_parallel
+    return _VocabParallelLogprob.apply(logits, targets, temperature, true_vocab, False)[0]
 
-    x = scaled_logits(logits, temperature, true_vocab)
-    return -tensor_parallel.vocab_parallel_cross_entropy(x, targets)
+
+def token_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
+                               true_vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_logprobs` plus the entropy of softmax(logits / temperature) per position (no grad)."""
+    return _VocabParallelLogprob.apply(logits, targets, temperature, true_vocab, True)
 
 
 @torch.no_grad()
 def entropy(logits: torch.Tensor, temperature: float, true_vocab: int) -> torch.Tensor:
     """Entropy of softmax(logits / temperature) per position, for vocab-parallel logits (no grad)."""
-    group, _, size = _tp()
-    x = scaled_logits(logits, temperature, true_vocab)
-    mx = x.max(dim=-1, keepdim=True).values
-    if size > 1:
-        dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)
-    e = torch.exp(x - mx)
-    sums = torch.stack([e.sum(-1), (e * (x - mx)).sum(-1)])
-    if size > 1:
-        dist.all_reduce(sums, group=group)
-    z, ex = sums[0], sums[1]
-    return torch.log(z) - ex / z
+    targets = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    return _VocabParallelLogprob.apply(logits, targets, temperature, true_vocab, True)[1]
 
 
 @torch.no_grad()

@@ -156,13 +156,12 @@ class Policy:
 
         def loss_fn(logits, mb):
             mb = to_device(mb, device)
-            logp = lp_mod.token_logprobs(logits, mb.targets, T, V)
+            logp, ent = lp_mod.token_logprobs_and_entropy(logits, mb.targets, T, V)
             old = mb.extras["old"] if "old" in mb.extras else logp.detach()
             tl = grpo_token_loss(logp, old, mb.extras["gen"], mb.extras["adv"], g.clip_low, g.clip_high,
                                  g.tis_threshold, g.kl_coef, mb.extras.get("ref"))
             m = mb.mask
             loss_sum = (tl.loss * m).sum()
-            ent = lp_mod.entropy(logits, T, V)
             if reports:
                 with torch.no_grad():
                     kl = (k3(mb.extras["ref"], logp) * m).sum() if "ref" in mb.extras else m.new_zeros(())

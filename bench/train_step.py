@@ -1,0 +1,152 @@
+"""Trainer benchmark: Megatron training tokens/s vs a plain transformers + AdamW loop; HF export GB/s.
+
+1. Training throughput on CPU for the tiny Qwen3 (hidden 128, 2 layers, vocab 151,669): the same
+   batch (`--samples` sequences of `--seq` tokens, all but a short prompt trained on) through
+   - megagym's `Policy.train_step` (Megatron-Core GPTModel, local spec, DDP + distributed
+     optimizer, GRPO loss with metrics: entropy, clip fraction, gen-KL; one process, TP=PP=DP=1), and
+   - a plain loop: `transformers` Qwen3ForCausalLM forward on the padded batch, log-softmax at the
+     targets, the same GRPO token loss, backward, grad clipping, torch AdamW.
+   Tokens/s counts every input token of the batch; median over `--steps` after one warm-up step.
+2. HF export throughput: `Policy.export_hf()` (full HF-named tensors: QKV de-interleave, gate/up
+   split, vocab padding dropped) against a plain `clone()` of every parameter (the same bytes).
+
+    .venv/bin/python bench/train_step.py                 # defaults: 8 x 128 tokens, 5 steps
+    .venv/bin/python bench/train_step.py --samples 4 --seq 256 --steps 3 --threads 2
+
+Prints a table and the ratios (megagym / baseline). Runs in a single process (no torchrun).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def make_samples(n: int, seq: int, prompt: int, seed: int = 0):
+    from megagym.trainer.advantages import assign_advantages
+    from megagym.types import Sample
+
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for i in range(n):
+        ids = torch.randint(0, 151000, (seq,), generator=g).tolist()
+        mask = [0] * prompt + [1] * (seq - prompt)
+        gen = [-11.9 if m else 0.0 for m in mask]
+        samples.append(Sample(token_ids=ids, loss_mask=mask, gen_logprobs=gen, reward=float(i % 2), group_index=i // 4))
+    assign_advantages(samples)
+    return samples
+
+
+def bench_megatron(hf_dir: Path, samples, steps: int, lr: float):
+    from megagym.config.loader import build
+    from megagym.config.schema import RunConfig
+    from megagym.trainer.policy import Policy
+
+    tokens = sum(len(s.token_ids) for s in samples)
+    cfg = build(RunConfig, {"model": {"hf_path": str(hf_dir)},
+                            "optim": {"lr": lr, "micro_batch_tokens": tokens, "clip_grad": 1.0}})
+    policy = Policy.build(cfg)
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        policy.train_step(samples)
+        if i:
+            times.append(time.perf_counter() - t0)
+    # export vs plain copy of the same parameter bytes
+    exp_t, copy_t, nbytes = [], [], 0
+    params = [p.detach() for p in policy.model.parameters()]
+    for _ in range(3):
+        t0 = time.perf_counter()
+        out = [t.clone() for _, t in policy.export_hf()]  # clone: what a consumer keeping them pays
+        exp_t.append(time.perf_counter() - t0)
+        nbytes = sum(t.numel() * t.element_size() for t in out)
+        del out
+        t0 = time.perf_counter()
+        copies = [p.clone() for p in params]
+        copy_t.append(time.perf_counter() - t0)
+        del copies
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    return {"step_s": statistics.median(times), "tokens": tokens, "export_s": statistics.median(exp_t),
+            "export_bytes": nbytes, "copy_s": statistics.median(copy_t), "param_bytes": param_bytes}
+
+
+def bench_plain(hf_dir: Path, samples, steps: int, lr: float, temperature: float = 1.0):
+    from transformers import AutoModelForCausalLM
+
+    from megagym.trainer.loss import grpo_token_loss
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    ids = torch.tensor([s.token_ids for s in samples])  # equal lengths: no padding needed
+    mask = torch.tensor([s.loss_mask for s in samples], dtype=torch.float)[:, 1:]
+    gen = torch.tensor([s.gen_logprobs for s in samples])[:, 1:]
+    adv = torch.tensor([s.advantage for s in samples])[:, None].expand_as(mask)
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        logits = model(ids[:, :-1]).logits.float() / temperature
+        lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+        tl = grpo_token_loss(lp, lp.detach(), gen, adv, 0.2, 0.28, 2.0)
+        loss = (tl.loss * mask).sum() / mask.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return {"step_s": statistics.median(times)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--prompt", type=int, default=16)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--hf-dir", default="", help="HF checkpoint (default: write the tiny random Qwen3)")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = Path(a.hf_dir) if a.hf_dir else None
+        if hf_dir is None:
+            from megagym.testing.tiny_qwen3 import write_tiny_qwen3
+
+            hf_dir = write_tiny_qwen3(Path(tmp) / "tiny", seed=0)
+        samples = make_samples(a.samples, a.seq, a.prompt)
+        meg = bench_megatron(hf_dir, samples, a.steps, a.lr)
+        plain = bench_plain(hf_dir, samples, a.steps, a.lr)
+    tok = meg["tokens"]
+    meg_tps, plain_tps = tok / meg["step_s"], tok / plain["step_s"]
+    exp_gbs = meg["export_bytes"] / meg["export_s"] / 1e9
+    copy_gbs = meg["param_bytes"] / meg["copy_s"] / 1e9
+    print(f"batch: {a.samples} x {a.seq} tokens ({tok} tokens/step), {a.threads} threads, "
+          f"median of {a.steps} steps after 1 warm-up")
+    print(f"{'':34s}{'step s':>10s}{'tokens/s':>12s}")
+    print(f"{'megagym Policy.train_step':34s}{meg['step_s']:10.3f}{meg_tps:12.0f}")
+    print(f"{'plain transformers + AdamW':34s}{plain['step_s']:10.3f}{plain_tps:12.0f}")
+    print(f"training ratio (megagym / plain): {meg_tps / plain_tps:.2f}")
+    print(f"{'':34s}{'seconds':>10s}{'GB':>8s}{'GB/s':>8s}")
+    print(f"{'export_hf (+clone)':34s}{meg['export_s']:10.4f}{meg['export_bytes'] / 1e9:8.3f}{exp_gbs:8.2f}")
+    print(f"{'plain clone of the parameters':34s}{meg['copy_s']:10.4f}{meg['param_bytes'] / 1e9:8.3f}{copy_gbs:8.2f}")
+    print(f"export ratio (export / plain copy GB/s): {exp_gbs / copy_gbs:.2f}")
+    from megagym.trainer.parallel import shutdown
+
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
