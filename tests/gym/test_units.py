@@ -211,3 +211,16 @@ def test_contiguity_error_ends_the_batch():
 
     with pytest.raises(ContiguityError, match="row 5"):
         _manager(handler).collect(_rows("a"), indices=[5])
+
+
+def test_cli_errors_name_their_cause(tmp_path, capsys):
+    from megagym.gym.cli import main
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"run: {{output_dir: {tmp_path}/run}}\nenv: {{environments: [lowercase_wordz]}}\n")
+    assert main(["start", str(cfg)]) == 2
+    assert "unknown environment 'lowercase_wordz'; did you mean 'lowercase_words'" in capsys.readouterr().err
+    assert main(["start", str(cfg), "env.environments=[lowercase_words]"]) == 2
+    assert "env.policy_base_urls is empty" in capsys.readouterr().err
+    assert main(["stop", str(cfg)]) == 2
+    assert f"no running Gym stack recorded in {tmp_path}/run/gym/gym_stack.json" in capsys.readouterr().err
