@@ -21,7 +21,7 @@ def test_jsonl_roundtrip_and_torn_line(tmp_path):
 def test_plot_writes_pngs(tmp_path):
     with MetricsWriter(tmp_path, tensorboard=False) as w:
         for step in range(4):
-            w.log(step, {"train/reward_mean": step / 4, "train/gen_kl": 1e-4, "time/generation": 2.0,
+            w.log(step, {"rollout/reward_mean": step / 4, "train/gen_k3": 1e-4, "time/generation": 2.0,
                          "time/training": 1.0, "time/sync": 0.2})
         w.log(4, {"val/reward_mean": 0.8})
     assert cli_main(["plot", str(tmp_path)]) == 0

@@ -8,6 +8,7 @@ Must not: import anything heavy (torch, vLLM, megatron): config modules are plai
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, Optional
 
 from megagym.gym.config import GymConfig
 from megagym.rollout.config import RolloutConfig
@@ -24,6 +25,65 @@ class RunSection:
 
 
 @dataclass
+class TrainSection:
+    """The GRPO loop: how many steps, how many prompts each, and what happens between them.
+
+    mode               "sync": generate with the current weights, then train; "one_step_off":
+                       generation for step t+1 overlaps training of step t (samples one step stale,
+                       corrected by truncated importance sampling against their generation logprobs)
+    dynamic_sampling   drop groups whose rewards are all equal (no signal) and refill with new prompts,
+                       at most `max_refill_rounds` times a step
+    overlong_filter    leave truncated trajectories (stopped at max_output_tokens) out of the loss
+    """
+
+    steps: int = 10
+    prompts_per_step: int = 8
+    mode: Literal["sync", "one_step_off"] = "sync"
+    dynamic_sampling: bool = False
+    max_refill_rounds: int = 2
+    overlong_filter: bool = False
+    val_every: int = 0  # 0: validate only before the first and after the last step
+    val_before_training: bool = True
+    val_limit: Optional[int] = None  # validation rows per environment (None: all)
+    val_n: int = 1  # samples per validation prompt (pass@1 is averaged over them)
+    val_temperature: float = 1.0
+    val_top_p: float = 1.0
+    val_success_threshold: float = 1.0  # a validation sample with reward >= this counts as solved
+    tensorboard: bool = True
+    wandb_project: Optional[str] = None
+
+    def validate(self) -> None:
+        if self.steps < 0 or self.prompts_per_step < 1:
+            raise ValueError("steps must be >= 0 and prompts_per_step >= 1")
+        if self.val_every < 0 or self.val_n < 1 or self.max_refill_rounds < 0:
+            raise ValueError("val_every >= 0, val_n >= 1 and max_refill_rounds >= 0 are required")
+
+
+@dataclass
+class ServersSection:
+    """The policy servers of a run.
+
+    urls       servers already running (a Slurm script starts them): base URLs without /v1. Empty:
+               `megagym train` starts `count` servers on this machine and stops them at the end.
+    settings   `megagym serve` settings (megagym.server.config.ServerConfig fields) for local servers,
+               e.g. {kv_cache_gib: 1, max_model_len: 2048}; model, sampling and weight_sync are
+               filled from the run.
+    """
+
+    urls: list[str] = field(default_factory=list)
+    count: int = 1
+    weight_sync: Literal["shm", "nccl", "ipc"] = "shm"
+    bucket_mb: int = 256
+    settings: dict = field(default_factory=dict)
+    start_timeout_s: float = 600.0
+    sync_timeout_s: float = 600.0
+
+    def validate(self) -> None:
+        if self.count < 1 or self.bucket_mb < 1:
+            raise ValueError("count and bucket_mb must be >= 1")
+
+
+@dataclass
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -33,5 +93,13 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     env: GymConfig = field(default_factory=GymConfig)  # the Gym environments and how Gym is launched
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    # Sections are added here as the packages that own them land:
-    #   server  -> megagym.server.config.ServerConfig
+    train: TrainSection = field(default_factory=TrainSection)
+    servers: ServersSection = field(default_factory=ServersSection)
+
+    def validate(self) -> None:
+        """Checks that span sections (each section checks itself when built)."""
+        if abs(self.grpo.temperature - self.rollout.temperature) > 1e-9:
+            raise ValueError(f"grpo.temperature ({self.grpo.temperature}) must equal rollout.temperature "
+                             f"({self.rollout.temperature}): the trainer recomputes the sampled distribution")
+        if self.rollout.top_p != 1.0:
+            raise ValueError("rollout.top_p must be 1.0: the trainer's logprobs do not renormalise a nucleus")

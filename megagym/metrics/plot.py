@@ -13,9 +13,9 @@ from pathlib import Path
 from megagym.metrics.writer import read_metrics
 
 PANELS = {
-    "reward.png": ("Training reward", ["train/reward_mean"]),
+    "reward.png": ("Training reward", ["rollout/reward_mean"]),
     "validation.png": ("Validation", ["val/reward_mean", "val/pass@1"]),
-    "gen_kl.png": ("Train/generation mismatch", ["train/gen_kl", "train/logprob_abs_diff"]),
+    "gen_kl.png": ("Train/generation mismatch", ["train/gen_k3", "train/gen_abs_diff"]),
 }
 TIME_KEYS = ["time/generation", "time/training", "time/sync", "time/idle"]
 

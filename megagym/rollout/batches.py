@@ -1,0 +1,138 @@
+"""Training batches for the GRPO loop: which prompts come next and the groups generated for them.
+
+Owns (rank 0 only): the resumable prompt cursor over the training rows, one step's collection of
+groups (with DAPO-style dynamic sampling: groups whose rewards are all equal carry no signal and
+are replaced by new prompts, a bounded number of times), prefetching the next batch in a
+background thread for the one-step-off mode, and validation rollouts (mean reward, pass@1).
+Must not: touch the model or weights; the loop decides when weights change, and it must wait
+for a prefetch to finish before it changes them (no trajectory may span two weight versions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from megagym.data.dataset import PromptCursor
+from megagym.rollout.manager import RolloutManager, load_env_rows
+from megagym.types import RolloutGroup
+
+
+@dataclass
+class Batch:
+    groups: list[RolloutGroup]
+    cursor_state: dict  # the cursor right after this batch's prompts were taken
+    seconds: float
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def samples(self):
+        return [s for g in self.groups for s in g.samples]
+
+
+class BatchSource:
+    def __init__(self, cfg, stack, progress: bool = True):
+        self.cfg = cfg
+        self.rows = load_env_rows(cfg.env, "train")
+        self.cursor = PromptCursor(len(self.rows), seed=cfg.run.seed)
+        rollout = dataclasses.replace(cfg.rollout, progress=progress)
+        self.manager = RolloutManager(rollout, stack)
+        val = dataclasses.replace(rollout, n=cfg.train.val_n, temperature=cfg.train.val_temperature,
+                                  top_p=cfg.train.val_top_p)
+        self.val_manager = RolloutManager(val, stack, success_threshold=cfg.train.val_success_threshold)
+        try:
+            self.val_rows = load_env_rows(cfg.env, "validation", limit=cfg.train.val_limit)
+        except ValueError:
+            self.val_rows = []
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="megagym-rollouts")
+        self._pending: Future | None = None
+
+    # ------------------------------------------------------------------ training batches
+    def _collect(self) -> Batch:
+        t = self.cfg.train
+        t0 = time.monotonic()
+        groups: list[RolloutGroup] = []
+        dropped = failures = 0
+        need, rounds = t.prompts_per_step, 0
+        metrics: dict = {}
+        while True:
+            idx = self.cursor.take(need)
+            got = asyncio.run(self._gather([self.rows[i] for i in idx], idx))
+            metrics = _merge_counts(metrics, self.manager.metrics.summary())
+            for g in got:
+                failures += len(g.failures)
+                rewards = g.rewards
+                if not g.samples:
+                    continue
+                if t.dynamic_sampling and max(rewards) - min(rewards) < 1e-12:
+                    dropped += 1
+                    continue
+                groups.append(g)
+            if not t.dynamic_sampling or len(groups) >= t.prompts_per_step or rounds >= t.max_refill_rounds:
+                break
+            need, rounds = t.prompts_per_step - len(groups), rounds + 1
+        metrics.update({"batch/groups": len(groups), "batch/dropped_equal_reward": dropped,
+                        "batch/refill_rounds": rounds, "batch/failed_rollouts": failures})
+        return Batch(groups, self.cursor.state_dict(), time.monotonic() - t0, metrics)
+
+    async def _gather(self, rows, idx) -> list[RolloutGroup]:
+        return [g async for g in self.manager.generate(rows, idx)]
+
+    def prefetch(self) -> None:
+        """Start collecting the next batch in the background (one-step-off mode)."""
+        if self._pending is None:
+            self._pending = self._pool.submit(self._collect)
+
+    def wait_prefetch(self) -> None:
+        """Block until a running prefetch has finished (before weights change)."""
+        if self._pending is not None:
+            self._pending.exception()
+
+    def next(self) -> Batch:
+        """The prefetched batch if there is one, else a batch collected now."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            return pending.result()
+        return self._collect()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> dict:
+        if not self.val_rows:
+            return {}
+        t0 = time.monotonic()
+        groups = asyncio.run(self._gather_val())
+        rewards = [s.reward for g in groups for s in g.samples]
+        thr = self.cfg.train.val_success_threshold
+        out = {f"val/{k.split('/', 1)[1]}": v for k, v in self.val_manager.metrics.summary().items()}
+        if rewards:
+            out["val/reward_mean"] = sum(rewards) / len(rewards)
+            out["val/pass@1"] = sum(r >= thr for r in rewards) / len(rewards)
+        out["val/prompts"] = len(self.val_rows)
+        out["time/validation"] = time.monotonic() - t0
+        return out
+
+    async def _gather_val(self) -> list[RolloutGroup]:
+        idx = list(range(len(self.val_rows)))
+        return [g async for g in self.val_manager.generate(self.val_rows, idx)]
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {"cursor": self.cursor.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cursor.load_state_dict(state["cursor"])
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _merge_counts(acc: dict, new: dict) -> dict:
+    """Refill rounds: add up counters, keep the latest means."""
+    out = dict(acc)
+    for k, v in new.items():
+        counter = k.endswith(("rollouts", "failures", "groups", "masked", "seconds"))
+        out[k] = out.get(k, 0) + v if counter else v
+    return out
