@@ -143,6 +143,9 @@ def main() -> None:
                       flush=True)
                 if i:
                     runs.append(stats)
+        except BaseException:
+            print(f"--- server log (tail) ---\n{server.tail(80)}", file=sys.stderr)
+            raise
         finally:
             if sender is not None:
                 sender.close()

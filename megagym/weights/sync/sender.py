@@ -250,21 +250,23 @@ class ShmWeightSender(WeightSender):
         return seg
 
     def _push(self, named_tensors) -> None:
-        pending: list[Future] | None = None
+        pending: list[Future] = []
         try:
             for i, bucket in enumerate(iter_buckets(named_tensors, self.bucket_bytes)):
                 seg = self._segment(i % 2, bucket_size(bucket))
                 t0 = time.perf_counter()
                 manifest = pack_into(seg.tensor, bucket)  # overlaps the servers loading bucket i-1
                 self._stats.pack_seconds += time.perf_counter() - t0
-                if pending is not None:
-                    self.servers.wait(pending)
+                done, pending = pending, []
+                self.servers.wait(done)
                 info = {"shm_path": seg.path, "shm_size": seg.size, **manifest.to_dict()}
                 pending = self.servers.submit("update", {"update_info": info})
                 self._count(bucket)
-        finally:
-            if pending is not None:
-                self.servers.wait(pending)
+        except BaseException:
+            for f in pending:  # let the bucket in flight land before the caller aborts
+                f.exception()
+            raise
+        self.servers.wait(pending)
 
     def _close(self) -> None:
         for seg in self.segments:
@@ -360,17 +362,20 @@ class IpcWeightSender(WeightSender):
                 self._stats.bytes += nbytes_of(t)
                 yield name, (t.detach() if t.is_cuda else t.detach().cuda())
 
-        for chunk in packed_ipc_producer(
-            iterator=counted(named_tensors), gpu_uuid=gpu_uuid, post_iter_func=lambda item: item[1],
-            buffer_size_bytes=self.bucket_bytes,
-        ):
-            info: dict[str, Any] = {
-                "names": chunk.names, "dtype_names": chunk.dtype_names, "shapes": chunk.shapes,
-                "tensor_sizes": chunk.tensor_sizes,
-                "ipc_handles_pickled": pybase64.b64encode(pickle.dumps(chunk.ipc_handle)).decode(),
-            }
-            self.servers.call("update", {"update_info": info})  # the buffer is reused: wait
-            self._stats.buckets += 1
+        for bucket in iter_buckets(counted(named_tensors), self.bucket_bytes):
+            # One packed CUDA buffer per bucket (never a layer split across update calls).
+            size = max(self.bucket_bytes, bucket_size(bucket))
+            for chunk in packed_ipc_producer(
+                iterator=iter(bucket), gpu_uuid=gpu_uuid, post_iter_func=lambda item: item[1],
+                buffer_size_bytes=size,
+            ):
+                info: dict[str, Any] = {
+                    "names": chunk.names, "dtype_names": chunk.dtype_names, "shapes": chunk.shapes,
+                    "tensor_sizes": chunk.tensor_sizes,
+                    "ipc_handles_pickled": pybase64.b64encode(pickle.dumps(chunk.ipc_handle)).decode(),
+                }
+                self.servers.call("update", {"update_info": info})  # the buffer is reused: wait
+                self._stats.buckets += 1
 
     def _after_commit(self) -> None:
         torch.cuda.ipc_collect()

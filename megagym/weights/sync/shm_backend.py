@@ -239,7 +239,13 @@ class SharedMemoryWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpda
         from vllm.model_executor.model_loader.mtp_validation import disable_mtp_completeness_check
 
         with disable_mtp_completeness_check():
-            self.model.load_weights(device_weights)
+            try:
+                self.model.load_weights(device_weights)
+            except Exception as exc:
+                raise RuntimeError(
+                    f"loading a bucket of {len(info.names)} tensors ({info.names[0]} .. {info.names[-1]}) "
+                    f"failed: {type(exc).__name__}: {exc}"
+                ) from exc
         if self.device.type == "cpu":
             self._detach_buffered_views(seg)
 
