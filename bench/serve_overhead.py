@@ -63,7 +63,32 @@ async def conversation(client, model, turns, max_tokens, latencies, errors, cid)
         messages += [hist, {"role": "user", "content": f"Thanks. Turn {turn + 1}: and tomorrow?"}]
 
 
-async def drive(base_url, model, conversations, turns, max_tokens):
+def cpu_seconds(pid):
+    """CPU time (user+sys, all threads) of `pid` and, separately, of all its descendants."""
+    import os
+
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+            except (OSError, IndexError, ValueError):
+                pass
+    own = stats.get(pid, (0, 0.0))[1]
+    kids, frontier = 0.0, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for p, (ppid, cpu) in stats.items():
+            if ppid == parent:
+                kids += cpu
+                frontier.append(p)
+    return own, kids
+
+
+async def drive(base_url, model, conversations, turns, max_tokens, pid):
     import httpx
 
     limits = httpx.Limits(max_connections=conversations + 4, max_keepalive_connections=conversations + 4)
@@ -71,11 +96,13 @@ async def drive(base_url, model, conversations, turns, max_tokens):
         # warm-up (the first CPU request compiles / allocates for ~20 s)
         await asyncio.gather(*(conversation(client, model, 1, 4, [], [], -i) for i in range(4)))
         latencies, errors = [], []
+        cpu0 = cpu_seconds(pid)
         t0 = time.perf_counter()
         await asyncio.gather(*(conversation(client, model, turns, max_tokens, latencies, errors, i)
                                for i in range(conversations)))
         wall = time.perf_counter() - t0
-    return latencies, errors, wall
+        cpu1 = cpu_seconds(pid)
+    return latencies, errors, wall, (cpu1[0] - cpu0[0], cpu1[1] - cpu0[1])
 
 
 def pct(values, p):
@@ -100,12 +127,13 @@ def run_serve(args, model_dir):
                 "--tool-call-parser", "hermes", "--disable-log-stats"])
         print(f"[{name}] starting ...", flush=True)
         with srv:
-            lat, errors, wall = asyncio.run(drive(srv.base_url, str(model_dir), args.conversations, args.turns,
-                                                  args.max_tokens))
+            lat, errors, wall, (api_cpu, engine_cpu) = asyncio.run(drive(
+                srv.base_url, str(model_dir), args.conversations, args.turns, args.max_tokens, srv.proc.pid))
         if errors:
             print(f"[{name}] {len(errors)} errors, first: {errors[0]}", flush=True)
         results[name] = dict(n=len(lat), rps=len(lat) / wall, p50=pct(lat, 50), p99=pct(lat, 99),
-                             mean=statistics.mean(lat), errors=len(errors), wall=wall)
+                             mean=statistics.mean(lat), errors=len(errors), wall=wall,
+                             api_ms=1000 * api_cpu / max(1, len(lat)), engine_ms=1000 * engine_cpu / max(1, len(lat)))
         print(f"[{name}] {results[name]}", flush=True)
     m, v = results["megagym"], results["vllm"]
     print(f"\nserving: {args.conversations} concurrent conversations x {args.turns} turns, "
@@ -114,6 +142,10 @@ def run_serve(args, model_dir):
     print(f"{'requests/s':12}{m['rps']:12.2f}{v['rps']:12.2f}{m['rps'] / v['rps']:10.2f}")
     print(f"{'p50 (s)':12}{m['p50']:12.3f}{v['p50']:12.3f}{m['p50'] / v['p50']:10.2f}")
     print(f"{'p99 (s)':12}{m['p99']:12.3f}{v['p99']:12.3f}{m['p99'] / v['p99']:10.2f}")
+    print(f"{'API CPU ms/req':12}{m['api_ms']:10.1f}{v['api_ms']:12.1f}{m['api_ms'] / v['api_ms']:10.2f}"
+          "   (HTTP server process: parsing, template, tokenizer, detokenizer, parsers)")
+    print(f"{'engine CPU ms/req':12}{m['engine_ms']:7.1f}{v['engine_ms']:12.1f}{m['engine_ms'] / v['engine_ms']:10.2f}"
+          "   (EngineCore / worker processes)")
     print(f"{'errors':12}{m['errors']:12d}{v['errors']:12d}")
     return results
 

@@ -273,7 +273,13 @@ def _parse(model: type, body: Any):
 def _prompt_ids(chat: ChatTokenizer, req, cfg: ServerConfig):
     messages = [m.template_dict() for m in req.messages]
     kwargs = {**cfg.chat_template_kwargs, **(req.chat_template_kwargs or {})}
-    return chat.prompt_ids(messages, tools=req.tools, template_kwargs=kwargs, add_generation_prompt=req.add_generation_prompt)
+    prompt = chat.prompt_ids(messages, tools=req.tools, template_kwargs=kwargs, add_generation_prompt=req.add_generation_prompt)
+    need = req.required_prefix_token_ids
+    if need and prompt.token_ids[: len(need)] != need:
+        raise RequestError(
+            f"required_prefix_token_ids: the prompt built from the messages (and their token fields) does not start "
+            f"with these {len(need)} ids", "required_prefix_token_ids")
+    return prompt
 
 
 def _as_list(x: Any) -> list[int]:

@@ -53,6 +53,8 @@ class _ChatBase(BaseModel):
     tools: Optional[list[dict[str, Any]]] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
     add_generation_prompt: StrictBool = True
+    # Gym's optional prefix-supply extension: the prompt must start with these ids (checked, 400 if not)
+    required_prefix_token_ids: Optional[list[StrictInt]] = None
 
 
 class ChatCompletionRequest(_ChatBase):

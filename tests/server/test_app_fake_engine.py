@@ -112,3 +112,40 @@ def test_weight_sync_routes_mount(tiny_qwen3):
     cfg = ServerConfig(model=str(tiny_qwen3), weight_sync="shm")
     app = create_app(cfg, engine_factory=None)
     assert any(getattr(r, "path", "") == "/weights/info" for r in app.routes)
+
+
+def test_vllm_parsers_split_reasoning_and_tool_calls(tiny_qwen3):
+    """vLLM's qwen3 reasoning parser and hermes tool parser on Qwen3-shaped output (the random
+    model never writes these, so the engine is faked)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_qwen3))
+    text = ('<think>\nThe user wants weather.\n</think>\n\nLet me check.\n<tool_call>\n'
+            '{"name": "get_weather", "arguments": {"city": "SF"}}\n</tool_call>')
+    gen = tok.encode(text, add_special_tokens=False) + [tok.convert_tokens_to_ids("<|im_end|>")]
+    llm = FakeLLM(tok)
+
+    async def generate(prompt, params, request_id):
+        lps = [{t: SimpleNamespace(logprob=-0.5, rank=1, decoded_token="x")} for t in gen]
+        out = SimpleNamespace(index=0, text=text, token_ids=gen, logprobs=lps, finish_reason="stop", stop_reason=None)
+        yield SimpleNamespace(outputs=[out])
+
+    llm.generate = generate
+
+    async def factory(c):
+        return llm
+
+    cfg = ServerConfig(model=str(tiny_qwen3), reasoning_parser="qwen3")
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    with TestClient(create_app(cfg, engine_factory=factory)) as client:
+        r = client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "weather in SF?"}], "tools": tools, "max_tokens": 64})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    msg = choice["message"]
+    assert msg["reasoning_content"].strip() == "The user wants weather."
+    assert msg["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "SF"}'}
+    assert msg["content"].strip() == "Let me check."
+    assert choice["finish_reason"] == "tool_calls"
+    assert msg["generation_token_ids"] == gen

@@ -193,6 +193,9 @@ def test_tokenize_without_and_with_token_fields(client, tok):
     ids = client.post("/tokenize", json={"messages": messages}).json()["tokens"]
     assert ids[: len(prompt) + 3] == prompt + gen
     assert tok.decode(ids[len(prompt) + 3 :]).startswith("<|im_end|>\n<|im_start|>user\nagain")
+    ok = client.post("/tokenize", json={"messages": messages, "required_prefix_token_ids": prompt + gen})
+    assert ok.status_code == 200
+    assert "required_prefix_token_ids" in error(client, {"messages": messages, "required_prefix_token_ids": [1, 2]}, "/tokenize")
     text = client.post("/tokenize", json={"prompt": "hello world"}).json()
     assert text["tokens"] == tok.encode("hello world") and text["count"] == len(text["tokens"])
 
