@@ -18,6 +18,9 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "convert": ("megagym.weights.convert", "main", "convert a megagym checkpoint to an HF folder"),
     "plot": ("megagym.metrics.plot", "main", "plot the metrics of a run directory"),
     "data": ("megagym.data.prepare", "main", "prepare Gym JSONL datasets"),
+    "eval": ("megagym.eval", "main", "validate one checkpoint (or HF folder) and write a JSON result"),
+    "eval-merge": ("megagym.eval", "merge_main", "tabulate and plot eval results (Markdown, CSV, PNG)"),
+    "cluster": ("megagym.cluster", "main", "helpers of the Slurm scripts (query a run, serve, wait)"),
     "tiny-model": ("megagym.testing.tiny_qwen3", "main", "write a tiny random Qwen3 checkpoint"),
 }
 
