@@ -115,6 +115,7 @@ class WeightSyncState:
             except BaseException as exc:
                 await self._abort_locked(engine)
                 raise WeightSyncError(f"could not start the weight update: {exc}") from exc
+            self.last_activity = time.monotonic()  # draining in-flight requests is not idleness
             self._arm_watchdog(engine)
 
     async def update(self, engine, update_info: dict[str, Any] | list[dict[str, Any]]) -> None:
