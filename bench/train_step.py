@@ -6,7 +6,8 @@
      optimizer, GRPO loss with metrics: entropy, clip fraction, gen-KL; one process, TP=PP=DP=1), and
    - a plain loop: `transformers` Qwen3ForCausalLM forward on the padded batch, log-softmax at the
      targets, the same GRPO token loss, backward, grad clipping, torch AdamW.
-   Tokens/s counts every input token of the batch; median over `--steps` after one warm-up step.
+   Tokens/s counts every input token of the batch; median over `--steps` after one warm-up step,
+   the two loops' steps interleaved so that both see the same machine load.
 2. HF export throughput: `Policy.export_hf()` (full HF-named tensors: QKV de-interleave, gate/up
    split, vocab padding dropped) against a plain `clone()` of every parameter (the same bytes).
 
@@ -46,7 +47,7 @@ def make_samples(n: int, seq: int, prompt: int, seed: int = 0):
     return samples
 
 
-def bench_megatron(hf_dir: Path, samples, steps: int, lr: float):
+def megatron_policy(hf_dir: Path, samples, lr: float):
     from megagym.config.loader import build
     from megagym.config.schema import RunConfig
     from megagym.trainer.policy import Policy
@@ -54,14 +55,11 @@ def bench_megatron(hf_dir: Path, samples, steps: int, lr: float):
     tokens = sum(len(s.token_ids) for s in samples)
     cfg = build(RunConfig, {"model": {"hf_path": str(hf_dir)},
                             "optim": {"lr": lr, "micro_batch_tokens": tokens, "clip_grad": 1.0}})
-    policy = Policy.build(cfg)
-    times = []
-    for i in range(steps + 1):
-        t0 = time.perf_counter()
-        policy.train_step(samples)
-        if i:
-            times.append(time.perf_counter() - t0)
-    # export vs plain copy of the same parameter bytes
+    return Policy.build(cfg)
+
+
+def bench_export(policy):
+    """export_hf (cloning what it yields) vs a plain clone of every parameter: the same bytes."""
     exp_t, copy_t, nbytes = [], [], 0
     params = [p.detach() for p in policy.model.parameters()]
     for _ in range(3):
@@ -75,11 +73,12 @@ def bench_megatron(hf_dir: Path, samples, steps: int, lr: float):
         copy_t.append(time.perf_counter() - t0)
         del copies
     param_bytes = sum(p.numel() * p.element_size() for p in params)
-    return {"step_s": statistics.median(times), "tokens": tokens, "export_s": statistics.median(exp_t),
-            "export_bytes": nbytes, "copy_s": statistics.median(copy_t), "param_bytes": param_bytes}
+    return {"export_s": statistics.median(exp_t), "export_bytes": nbytes, "copy_s": statistics.median(copy_t),
+            "param_bytes": param_bytes}
 
 
-def bench_plain(hf_dir: Path, samples, steps: int, lr: float, temperature: float = 1.0):
+def plain_step_fn(hf_dir: Path, samples, lr: float, temperature: float = 1.0):
+    """One step of the plain loop as a closure (transformers forward, same GRPO loss, AdamW)."""
     from transformers import AutoModelForCausalLM
 
     from megagym.trainer.loss import grpo_token_loss
@@ -91,9 +90,8 @@ def bench_plain(hf_dir: Path, samples, steps: int, lr: float, temperature: float
     mask = torch.tensor([s.loss_mask for s in samples], dtype=torch.float)[:, 1:]
     gen = torch.tensor([s.gen_logprobs for s in samples])[:, 1:]
     adv = torch.tensor([s.advantage for s in samples])[:, None].expand_as(mask)
-    times = []
-    for i in range(steps + 1):
-        t0 = time.perf_counter()
+
+    def step():
         logits = model(ids[:, :-1]).logits.float() / temperature
         lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
         tl = grpo_token_loss(lp, lp.detach(), gen, adv, 0.2, 0.28, 2.0)
@@ -102,9 +100,8 @@ def bench_plain(hf_dir: Path, samples, steps: int, lr: float, temperature: float
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if i:
-            times.append(time.perf_counter() - t0)
-    return {"step_s": statistics.median(times)}
+
+    return step
 
 
 def main(argv=None) -> int:
@@ -126,14 +123,26 @@ def main(argv=None) -> int:
 
             hf_dir = write_tiny_qwen3(Path(tmp) / "tiny", seed=0)
         samples = make_samples(a.samples, a.seq, a.prompt)
-        meg = bench_megatron(hf_dir, samples, a.steps, a.lr)
-        plain = bench_plain(hf_dir, samples, a.steps, a.lr)
-    tok = meg["tokens"]
+        policy = megatron_policy(hf_dir, samples, a.lr)
+        plain_step = plain_step_fn(hf_dir, samples, a.lr)
+        meg_t, plain_t = [], []
+        for i in range(a.steps + 1):  # interleaved, so both see the same machine load
+            t0 = time.perf_counter()
+            policy.train_step(samples)
+            t1 = time.perf_counter()
+            plain_step()
+            t2 = time.perf_counter()
+            if i:
+                meg_t.append(t1 - t0)
+                plain_t.append(t2 - t1)
+        meg = {"step_s": statistics.median(meg_t), **bench_export(policy)}
+        plain = {"step_s": statistics.median(plain_t)}
+    tok = sum(len(s.token_ids) for s in samples)
     meg_tps, plain_tps = tok / meg["step_s"], tok / plain["step_s"]
     exp_gbs = meg["export_bytes"] / meg["export_s"] / 1e9
     copy_gbs = meg["param_bytes"] / meg["copy_s"] / 1e9
     print(f"batch: {a.samples} x {a.seq} tokens ({tok} tokens/step), {a.threads} threads, "
-          f"median of {a.steps} steps after 1 warm-up")
+          f"median of {a.steps} interleaved steps after 1 warm-up; load average {os.getloadavg()[0]:.1f}")
     print(f"{'':34s}{'step s':>10s}{'tokens/s':>12s}")
     print(f"{'megagym Policy.train_step':34s}{meg['step_s']:10.3f}{meg_tps:12.0f}")
     print(f"{'plain transformers + AdamW':34s}{plain['step_s']:10.3f}{plain_tps:12.0f}")

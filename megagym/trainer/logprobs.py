@@ -22,18 +22,6 @@ def _tp():
             parallel_state.get_tensor_model_parallel_world_size())
 
 
-def scaled_logits(logits: torch.Tensor, temperature: float, true_vocab: int) -> torch.Tensor:
-    """A new float32 tensor: logits / temperature with this rank's padding columns (>= true_vocab) masked."""
-    _, rank, _ = _tp()
-    local = logits.shape[-1]
-    start = rank * local
-    x = logits.float()
-    x = x / temperature if temperature != 1.0 else (x.clone() if x is logits else x)
-    if start + local > true_vocab:
-        x[..., max(true_vocab - start, 0):] = _NEG
-    return x
-
-
 class _VocabParallelLogprob(torch.autograd.Function):
     """log_softmax(logits / T)[target] (differentiable) and the entropy (not) in one pass over the vocab.
 
@@ -43,20 +31,28 @@ class _VocabParallelLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, temperature, true_vocab, want_entropy):
         group, rank, size = _tp()
-        x = scaled_logits(logits, temperature, true_vocab)
+        x = logits.float()
+        if temperature != 1.0:
+            x = x / temperature
         local = x.shape[-1]
         start = rank * local
-        mx = x.max(dim=-1, keepdim=True).values
+        valid = min(max(true_vocab - start, 0), local)  # this rank's real (non-padding) columns
+        if valid:
+            mx = x[..., :valid].max(dim=-1, keepdim=True).values
+        else:
+            mx = x.new_full((*x.shape[:-1], 1), _NEG)
         if size > 1:
             dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)
-        x.sub_(mx)
+        x = x - mx  # a new tensor: the caller's logits stay untouched, no separate copy
+        if valid < local:
+            x[..., valid:] = _NEG
         in_range = (targets >= start) & (targets < start + local)
         local_t = torch.where(in_range, targets - start, torch.zeros_like(targets))
         picked = x.gather(-1, local_t.unsqueeze(-1)).squeeze(-1) * in_range
         e = torch.exp(x)
         stats = [picked, e.sum(-1)]
         if want_entropy:
-            stats.append((e * x).sum(-1))
+            stats.append(torch.linalg.vecdot(e, x))  # sum(e * (x - max)) without a temporary
         del x
         stats = torch.stack(stats)
         if size > 1:
