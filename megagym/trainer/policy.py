@@ -178,7 +178,9 @@ class Policy:
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         self.step += 1
+        sums = sums.to(device)  # NCCL reduces device tensors only
         dist.all_reduce(sums)  # only reporting ranks hold non-zero sums
+        sums = sums.cpu()
         tok = max(float(sums[1]), 1.0)
         metrics = {name: float(sums[i]) / tok for i, name in enumerate(_METRICS) if name not in ("loss_sum", "tokens")}
         metrics.update(
