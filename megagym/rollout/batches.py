@@ -34,11 +34,11 @@ class Batch:
 
 
 class BatchSource:
-    def __init__(self, cfg, stack, progress: bool = True):
+    def __init__(self, cfg, stack):
         self.cfg = cfg
         self.rows = load_env_rows(cfg.env, "train")
         self.cursor = PromptCursor(len(self.rows), seed=cfg.run.seed)
-        rollout = dataclasses.replace(cfg.rollout, progress=progress)
+        rollout = cfg.rollout
         self.manager = RolloutManager(rollout, stack)
         val = dataclasses.replace(rollout, n=cfg.train.val_n, temperature=cfg.train.val_temperature,
                                   top_p=cfg.train.val_top_p)
