@@ -165,3 +165,20 @@ env:
             stack.stop()
             left = marker_pids(stack.run_id)
         assert rc_stop == 0 and left == [], f"left after stop: {left}"
+
+
+def test_start_timeout_names_what_is_missing_and_cleans_up(policy, tmp_path):
+    from megagym.gym.compose import compose
+    from megagym.gym.config import GymConfig
+    from megagym.gym.process import GymError
+
+    url, model = policy
+    plan = compose(GymConfig(environments=["lowercase_words"]), [url], model, run_dir=tmp_path)
+    stack = GymStack(plan, start_timeout_s=3, stop_timeout_s=10)
+    stack.launch()
+    try:
+        with pytest.raises(GymError, match=r"(did not answer|did not come up) within 3s \(env.start_timeout_s\)"):
+            stack.wait_ready()
+    finally:
+        left = stack.stop()
+    assert left == [] and marker_pids(plan.run_id) == []
