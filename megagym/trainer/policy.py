@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -38,6 +38,12 @@ from megagym.trainer.step import (build_micro_batch, empty_micro_batch, plan_mic
                                   split_over_dp, to_device)
 
 _METRICS = ("loss_sum", "tokens", "clipped", "entropy", "gen_abs_diff", "gen_k3", "is_weight", "kl")
+
+
+def _ps():
+    from megatron.core import parallel_state
+
+    return parallel_state
 
 
 class Policy:
@@ -78,13 +84,8 @@ class Policy:
         return cls(cfg, arch, model, optimizer, scheduler, padded)
 
     # ------------------------------------------------------------------ helpers
-    def _groups(self):
-        from megatron.core import parallel_state as ps
-
-        return ps
-
     def _my_micro_batches(self, token_ids, loss_masks, per_token, per_sample) -> list:
-        ps = self._groups()
+        ps = _ps()
         lengths = [max(len(t) - 1, 1) for t in token_ids]
         shares = split_over_dp(lengths, ps.get_data_parallel_world_size())
         mine = shares[ps.get_data_parallel_rank()]
@@ -97,7 +98,7 @@ class Policy:
 
     def _reports(self) -> bool:
         """This rank contributes metric sums (last pipeline stage, TP rank 0)."""
-        ps = self._groups()
+        ps = _ps()
         return ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
 
     # ------------------------------------------------------------------ API

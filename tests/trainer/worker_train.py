@@ -6,7 +6,6 @@ step 2 at TP2xPP2) and OUT_DIR/trained_logits.pt (full logits of that checkpoint
 """
 
 import json
-import math
 import sys
 from pathlib import Path
 
