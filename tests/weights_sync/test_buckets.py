@@ -97,3 +97,20 @@ def test_shm_segment_shared_between_owner_and_attacher_and_cleaned_up():
 def test_attach_refuses_foreign_paths():
     with pytest.raises(ValueError, match="not a megagym"):
         ShmSegment.attach("/etc/passwd", 10)
+
+
+def test_orphaned_segments_of_dead_processes_are_removed():
+    import subprocess
+    import sys
+
+    from megagym.weights.sync.buckets import SHM_DIR, SHM_PREFIX, remove_orphaned_segments
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    path = os.path.join(SHM_DIR, f"{SHM_PREFIX}{int(dead.stdout)}-0-test")
+    open(path, "wb").close()
+    mine = ShmSegment.create(64, tag="alive-")
+    try:
+        assert os.path.basename(path) in remove_orphaned_segments()
+        assert not os.path.exists(path) and os.path.exists(mine.path)
+    finally:
+        mine.close()

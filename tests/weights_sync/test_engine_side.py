@@ -138,3 +138,24 @@ def test_watchdog_abandons_an_update_whose_trainer_went_quiet():
     asyncio.run(go())
     assert not state.active and engine.calls[-1] == "resume"
     assert "megagym_abort_weight_update" in engine.calls
+
+
+def test_engine_death_during_a_call_fails_fast_instead_of_hanging():
+    class DyingEngine(FakeEngine):
+        errored = False
+        dead_error = RuntimeError("worker killed")
+
+        async def update_weights(self, request):
+            self.errored = True
+            await asyncio.sleep(3600)  # vLLM leaves the RPC pending when the worker is killed
+
+    engine, state = DyingEngine(), WeightSyncState()
+
+    async def go():
+        await state.init(engine, {})
+        await state.start(engine)
+        await asyncio.wait_for(state.update(engine, {}), 10)
+
+    with pytest.raises(WeightSyncError, match="engine died"):
+        asyncio.run(go())
+    assert not state.active

@@ -257,6 +257,21 @@ class ShmSegment:
             pass
 
 
+def remove_orphaned_segments() -> list[str]:
+    """Unlink segments whose creating process is gone (a trainer killed before `close()`)."""
+    removed = []
+    for name in leaked_segments():
+        pid = name[len(SHM_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or os.path.exists(f"/proc/{pid}"):
+            continue
+        try:
+            os.unlink(os.path.join(SHM_DIR, name))
+            removed.append(name)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 def leaked_segments(pid: int | None = None) -> list[str]:
     """megagym weight-sync segments present under /dev/shm (of one creator pid, or all)."""
     prefix = SHM_PREFIX + (f"{pid}-" if pid is not None else "")

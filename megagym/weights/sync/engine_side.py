@@ -37,6 +37,19 @@ BACKENDS = {"shm": "megagym_shm", "nccl": "nccl", "ipc": "ipc"}
 PAUSE_MODES = ("wait", "abort")
 
 
+async def _guarded(engine, coro, poll_s: float = 1.0):
+    """Await an engine call, but fail fast if the engine dies meanwhile (vLLM 0.32 leaves a
+    collective_rpc pending forever when its worker is killed, e.g. by the OOM killer)."""
+    task = asyncio.ensure_future(coro)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=poll_s)
+        if done:
+            return task.result()
+        if getattr(engine, "errored", False):
+            task.cancel()
+            raise WeightSyncError(f"the engine died during a weight-sync call: {engine.dead_error}")
+
+
 class WeightSyncError(RuntimeError):
     """A weight update was refused or failed; the engine serves its previous weights."""
 
@@ -107,10 +120,10 @@ class WeightSyncState:
             self.timings = {"pause": 0.0, "start": 0.0, "update": 0.0, "finish": 0.0, "resume": 0.0}
             self.started_at = self.last_activity = time.monotonic()
             try:
-                await engine.pause_generation(mode=pause_mode, clear_cache=True)
+                await _guarded(engine, engine.pause_generation(mode=pause_mode, clear_cache=True))
                 self._lap("pause", self.started_at)
                 t0 = time.monotonic()
-                await engine.start_weight_update()
+                await _guarded(engine, engine.start_weight_update())
                 self._lap("start", t0)
             except BaseException as exc:
                 await self._abort_locked(engine)
@@ -125,7 +138,7 @@ class WeightSyncState:
             self._require_active("update")
             self.last_activity = t0 = time.monotonic()
             try:
-                await engine.update_weights(WeightTransferUpdateRequest(update_info=update_info))
+                await _guarded(engine, engine.update_weights(WeightTransferUpdateRequest(update_info=update_info)))
                 self._lap("update", t0)
             except BaseException as exc:
                 loaded = self.buckets
@@ -146,9 +159,9 @@ class WeightSyncState:
             new_version = self.weight_version + 1 if weight_version is None else int(weight_version)
             t0 = time.monotonic()
             try:
-                await engine.finish_weight_update(weight_version=str(new_version))
-                await engine.reset_prefix_cache()
-                await engine.collective_rpc("megagym_refresh_lm_head")
+                await _guarded(engine, engine.finish_weight_update(weight_version=str(new_version)))
+                await _guarded(engine, engine.reset_prefix_cache())
+                await _guarded(engine, engine.collective_rpc("megagym_refresh_lm_head"))
                 self._lap("finish", t0)
             except BaseException as exc:
                 await self._abort_locked(engine)
@@ -189,13 +202,14 @@ class WeightSyncState:
         if self.buckets > 0:
             self.consistent = False
         try:
-            await engine.collective_rpc("megagym_abort_weight_update")
-            await engine.reset_prefix_cache()
+            await _guarded(engine, engine.collective_rpc("megagym_abort_weight_update"))
+            await _guarded(engine, engine.reset_prefix_cache())
         except BaseException:
             log.exception("rolling back an abandoned weight update failed")
         finally:
             self._end()
-            await engine.resume_generation()
+            if not getattr(engine, "errored", False):
+                await engine.resume_generation()
 
     def _arm_watchdog(self, engine) -> None:
         async def watch() -> None:

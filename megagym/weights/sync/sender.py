@@ -41,7 +41,14 @@ from typing import Any
 import requests
 import torch
 
-from megagym.weights.sync.buckets import ShmSegment, bucket_size, iter_buckets, nbytes_of, pack_into
+from megagym.weights.sync.buckets import (
+    ShmSegment,
+    bucket_size,
+    iter_buckets,
+    nbytes_of,
+    pack_into,
+    remove_orphaned_segments,
+)
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +246,8 @@ class ShmWeightSender(WeightSender):
         self.segments: list[ShmSegment | None] = [None, None]
 
     def _init(self) -> None:
+        if removed := remove_orphaned_segments():
+            log.warning("removed /dev/shm segments left by dead trainers: %s", removed)
         self.servers.call("init", {"init_info": {"validate": self.validate}})
 
     def _segment(self, slot: int, size: int) -> ShmSegment:
