@@ -12,6 +12,7 @@ Must not: place processes on nodes (the scripts' srun lines do) or contain train
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -150,11 +151,11 @@ def _alive(pid: int) -> bool:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="megagym cluster", description="helpers of the Slurm scripts (slurm/)")
     sub = p.add_subparsers(dest="cmd", required=True)
-    q = sub.add_parser("query", help="print one value of a run: output_dir, checkpoint_dir, steps, "
+    q = sub.add_parser("query", help="print values of a run, one a line: output_dir, checkpoint_dir, steps, "
                                      "latest_step, latest, done, model_override")
     q.add_argument("config")
     q.add_argument("overrides", nargs="*")
-    q.add_argument("--get", required=True)
+    q.add_argument("--get", required=True, action="append", help="repeatable: one value per line, in order")
     s = sub.add_parser("serve", help="publish this task's URL, then run `megagym serve` for the run")
     s.add_argument("config")
     s.add_argument("overrides", nargs="*")
@@ -173,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = _load(a.config, a.overrides)
         if a.cmd == "query":
-            print(query(cfg, a.get))
+            with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the values
+                values = [query(cfg, key) for key in a.get]
+            print("\n".join(values))
             return 0
         return serve(cfg, Path(a.url_dir), a.port_base, a.advertise)
     except (ConfigError, RuntimeError, TimeoutError) as e:

@@ -26,6 +26,7 @@
 #   MEGAGYM_CHECKPOINTS  file with one checkpoint folder per line [$MEGAGYM_EVAL_DIR/checkpoints.txt]
 #   MEGAGYM_EVAL_MERGE   1: this job is the merge step
 #   MEGAGYM_SBATCH_ARGS  extra sbatch arguments used by the submit mode
+#   MEGAGYM_ARRAY_LIMIT  at most this many array tasks at once (--array=0-N%LIMIT) [no limit]
 set -euo pipefail
 MG_SCRIPT=eval
 # shellcheck source=slurm/common.sh
@@ -50,7 +51,7 @@ if [ -z "${SLURM_JOB_ID:-}" ]; then  # ------------------------------------- sub
   [ "$n" -gt 0 ] || mg_die "no checkpoints found in: $*"
   read -r -a SB <<< "${MEGAGYM_SBATCH_ARGS:-}"
   export MEGAGYM_REPO MEGAGYM_CONFIG MEGAGYM_EVAL_DIR=$EVAL_DIR MEGAGYM_CHECKPOINTS=$LIST
-  array=$(sbatch --parsable "${SB[@]}" --array="0-$((n - 1))" --output="$EVAL_DIR/slurm-%A_%a.out" \
+  array=$(sbatch --parsable "${SB[@]}" --array="0-$((n - 1))${MEGAGYM_ARRAY_LIMIT:+%$MEGAGYM_ARRAY_LIMIT}" --output="$EVAL_DIR/slurm-%A_%a.out" \
     "$MEGAGYM_REPO/slurm/eval_array.sh")
   array=${array%%;*}
   merge=$(MEGAGYM_EVAL_MERGE=1 sbatch --parsable "${SB[@]}" --dependency="afterany:$array" \

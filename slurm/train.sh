@@ -84,12 +84,13 @@ RANKS=$(( TRAIN_NODES * TRAIN_PROCS ))
 OVERRIDES+=("servers.count=$SERVER_COUNT")
 
 # ---------------------------------------------------------------- the run so far
-OUTPUT_DIR=$(mg_py -m megagym.cluster query "$CONFIG" "${OVERRIDES[@]}" --get output_dir)
-if [ "$(mg_py -m megagym.cluster query "$CONFIG" "${OVERRIDES[@]}" --get done)" = 1 ]; then
-  mg_log "run $OUTPUT_DIR is already finished (checkpoint at the last step); nothing to do"
+RUN_INFO=$(mg_py -m megagym.cluster query "$CONFIG" "${OVERRIDES[@]}" --get output_dir --get done --get latest)
+mapfile -t INFO <<< "$RUN_INFO"
+OUTPUT_DIR=${INFO[0]} LATEST=${INFO[2]:-}
+if [ "${INFO[1]}" = 1 ]; then
+  mg_log "run $OUTPUT_DIR is already finished ($LATEST is at the last step); nothing to do"
   exit 0
 fi
-LATEST=$(mg_py -m megagym.cluster query "$CONFIG" "${OVERRIDES[@]}" --get latest)
 MODEL_OVERRIDE=$(mg_py -m megagym.cluster query "$CONFIG" "${OVERRIDES[@]}" --get model_override)
 [ -n "$MODEL_OVERRIDE" ] && OVERRIDES+=("$MODEL_OVERRIDE")
 LOG_DIR=${MEGAGYM_LOG_DIR:-$OUTPUT_DIR/logs/slurm-${SLURM_JOB_ID:-local}-r${SLURM_RESTART_COUNT:-0}}
@@ -160,5 +161,5 @@ set -e
 TRAINER_PID=""
 mg_log "trainer exited with $rc (see $LOG_DIR/trainer_0.log)"
 cleanup
-[ "$rc" -eq 0 ] && mg_log "done: $(mg_py -m megagym.cluster query "$CONFIG" "${OVERRIDES[@]}" --get latest)"
+[ "$rc" -eq 0 ] && mg_log "finished; checkpoints in $OUTPUT_DIR"
 exit "$rc"

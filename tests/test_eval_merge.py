@@ -59,4 +59,6 @@ def test_cluster_query(tmp_path, capsys):
     (ck / "COMPLETE").write_text("step 4\n")
     assert cluster_main(["query", *cfg, "--get", "done"]) == 0
     assert capsys.readouterr().out.strip() == "1"
+    assert cluster_main(["query", *cfg, "--get", "steps", "--get", "latest_step"]) == 0
+    assert capsys.readouterr().out.split("\n")[:2] == ["4", "4"]
     assert cluster_main(["query", *cfg, "--get", "nope"]) == 2
