@@ -44,11 +44,14 @@ def read_env() -> DistEnv:
         local = int(env.get("SLURM_LOCALID", 0))
     else:
         rank, world, local = 0, 1, 0
-    addr = env.get("MASTER_ADDR", "127.0.0.1")
+    slurm = "RANK" not in env and "SLURM_PROCID" in env
+    addr = env.get("MASTER_ADDR") or (env.get("SLURM_LAUNCH_NODE_IPADDR") if slurm else None) or "127.0.0.1"
     if "MASTER_PORT" in env:
         port = int(env["MASTER_PORT"])
     elif world == 1:
         port = _free_port()
+    elif slurm and "SLURM_JOB_ID" in env:
+        port = 20000 + int(env["SLURM_JOB_ID"]) % 20000  # same on every task of the job
     else:
         raise RuntimeError("MASTER_PORT is not set (torchrun sets it; under Slurm export it in the batch script)")
     return DistEnv(rank, world, local, addr, port)
