@@ -10,7 +10,8 @@ vLLM worker imports it before it loads the model; importing it registers
   because plain `load_weights` after start-up fails on CPU (weights are repacked);
 - `update_weights(info)` -> validate the bucket's names/shapes against the served checkpoint,
   map the segment, `model.load_weights(views)`; views still buffered by a half-loaded layer are
-  cloned, since the trainer reuses the segment for the next bucket;
+  cloned, since the trainer reuses the segment for the next bucket (megagym's senders never split
+  a decoder layer across buckets: see `buckets.iter_buckets`; this protects other clients);
 - `finish_weight_update` -> `finalize_layerwise_reload`, then re-pack a tied `lm_head` on CPU
   (vLLM keeps a stale prepacked copy of the tied embedding otherwise: logprob errors of ~1).
 
