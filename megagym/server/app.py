@@ -70,12 +70,15 @@ class Parsers:
 
     def reasoning_for(self, template_kwargs: dict) -> Any:
         key = repr(sorted(template_kwargs.items()))
-        if key not in self._reasoning:
+        parser = self._reasoning.get(key)
+        if parser is None:
             from vllm.reasoning import ReasoningParserManager
 
             cls = ReasoningParserManager.get_reasoning_parser(self.reasoning_name)
-            self._reasoning[key] = cls(self.tokenizer, chat_template_kwargs=dict(template_kwargs))
-        return self._reasoning[key]
+            parser = cls(self.tokenizer, chat_template_kwargs=dict(template_kwargs))
+            if len(self._reasoning) < 16:  # bounded: kwargs come from requests
+                self._reasoning[key] = parser
+        return parser
 
 
 async def _wait_disconnect(raw: Request) -> None:
