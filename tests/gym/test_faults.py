@@ -182,3 +182,35 @@ def test_start_timeout_names_what_is_missing_and_cleans_up(policy, tmp_path):
     finally:
         left = stack.stop()
     assert left == [] and marker_pids(plan.run_id) == []
+
+
+def test_sigterm_to_the_owner_stops_the_whole_stack(policy, tmp_path):
+    """The process that started Gym gets SIGTERM while Gym (and Ray) start: nothing may be left."""
+    import json
+    import subprocess
+    import sys
+
+    url, model = policy
+    script = f"""
+from megagym.gym import GymConfig, GymStack
+GymStack.start(GymConfig(environments=["lowercase_words"], start_timeout_s=300), [{url!r}], {model!r},
+               run_dir={str(tmp_path)!r})
+"""
+    child = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    state = tmp_path / "gym_stack.json"
+    try:
+        deadline = time.monotonic() + 120
+        run_id = None
+        while time.monotonic() < deadline and child.poll() is None:
+            if state.exists():
+                run_id = json.loads(state.read_text())["run_id"]
+                if len(marker_pids(run_id)) >= 3:  # gym env start and some of its servers or Ray
+                    break
+            time.sleep(0.5)
+        assert run_id is not None and child.poll() is None, "Gym did not start in the child"
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=90) != 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert marker_pids(run_id) == []
