@@ -35,7 +35,7 @@ def ckpts(tmp_path_factory):
 def server(ckpts, tmp_path_factory, no_leaked_segments):
     srv = start_server(ckpts["A"], tmp_path_factory.mktemp("logs") / "server_tied.log")
     yield srv
-    srv.stop()
+    srv.stop(grace_s=5)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,10 @@ Call sequence (rank 0 of the trainer only; other ranks just take part in the exp
 
 `send` = `begin()` (servers pause: in-flight requests finish first) -> `push(named_tensors)`
 (bucket by bucket) -> `commit(weight_version)` (servers bump their version and resume); any
-error calls `abort()` (servers roll back to their previous weights and resume) and re-raises.
+error calls `abort()` (servers resume; layers the update had not completed keep their old
+weights, `GET /weights/info` reports `consistent: false` until the next full update) and
+re-raises. Every `/dev/shm` segment is the sender's: `close()` unlinks them, and `init()`
+removes those left by trainers that died.
 
 Must not: import megatron (it takes any iterable of `(name, tensor)`), or send tensors as RPC
 arguments. The GPU transports are written against vLLM 0.32's documented helpers and are not
