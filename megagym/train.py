@@ -67,8 +67,7 @@ def train(cfg: RunConfig, resume: bool = False) -> None:
                 samples, metrics = _prepare(cfg, batch, metrics, assign_advantages)
                 cursor_state = batch.cursor_state
                 side.record_batch(step + 1, batch)
-            samples = broadcast_object(samples)
-            if samples:
+            if broadcast_object(len(samples) if rank0 else None):  # train_step broadcasts the samples
                 t0 = time.monotonic()
                 out = policy.train_step(samples)
                 metrics.update({f"train/{k}": v for k, v in out.items()})
@@ -80,7 +79,7 @@ def train(cfg: RunConfig, resume: bool = False) -> None:
                 t0 = time.monotonic()
                 metrics.update(_sync(policy, side))
                 metrics["time/sync"] = time.monotonic() - t0
-            elif rank0:  # every rank skips alike: they all received the same empty list
+            elif rank0:  # every rank skips alike: they all received the same count
                 print(f"megagym train: step {step}: no trainable samples, weights unchanged", flush=True)
             done = step + 1
             if rank0 and (done == cfg.train.steps or (cfg.train.val_every and done % cfg.train.val_every == 0)):
