@@ -50,6 +50,17 @@ def resolve_model(checkpoint: Path, work_dir: Path) -> tuple[Path, int | None, b
                             "nor an HF model folder (config.json)")
 
 
+def _gpu_env(cfg, i: int) -> dict[str, str]:
+    """Server i's own GPUs out of this node's visible ones (vLLM tensor parallel = servers.settings)."""
+    from megagym.cluster import gpu_slice
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if not visible or cfg.servers.count == 1:
+        return {}
+    tp = int(cfg.servers.settings.get("tensor_parallel_size", 1))
+    return {"CUDA_VISIBLE_DEVICES": gpu_slice(visible, i, tp, 0)}
+
+
 def _free_master_port() -> dict:
     from megagym.server.process import free_port
 
@@ -101,7 +112,7 @@ def evaluate(cfg, checkpoint: Path, out: Path, work_dir: Path | None = None, kee
         if not urls:
             for i in range(cfg.servers.count):
                 sp = ServerProcess(str(hf), overrides=server_overrides(cfg), log_path=log_dir / f"server_{i}.log",
-                                   env=_server_env(cfg))
+                                   env={**_server_env(cfg), **_gpu_env(cfg, i)})
                 print(f"megagym eval: starting policy server {i} (log {sp.log_path})", flush=True)
                 servers.append(sp.start(timeout_s=cfg.servers.start_timeout_s))
             urls = [s.base_url for s in servers]
@@ -188,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load(RunConfig, a.config, a.overrides)
         result = evaluate(cfg, Path(a.checkpoint), Path(a.out), Path(a.work_dir) if a.work_dir else None, a.keep_hf)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"megagym eval: {e}", file=sys.stderr)
         return 2
     print(f"megagym eval: {a.checkpoint}: pass@1={result['pass@1']:.4f} reward_mean={result['reward_mean']:.4f} "

@@ -98,7 +98,9 @@ mkdir -p "$LOG_DIR"
 export MASTER_ADDR=${MG_NODES[0]}
 export MASTER_PORT=${MEGAGYM_MASTER_PORT:-$(( 20001 + ${SLURM_JOB_ID:-0} % 10000 ))}
 export MEGAGYM_GPUS_PER_SERVER=$GPUS_PER_SERVER MEGAGYM_GPU_OFFSET=$GPU_OFFSET
-mg_log "job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0}: $CONFIG -> $OUTPUT_DIR (${LATEST:+resuming from $LATEST}${LATEST:-fresh start})"
+START="fresh start"
+[ -n "$LATEST" ] && START="resuming from $LATEST"
+mg_log "job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0}: $CONFIG -> $OUTPUT_DIR ($START)"
 mg_log "nodes: trainer $TRAIN_LIST ($RANKS ranks, rendezvous $MASTER_ADDR:$MASTER_PORT); servers $SERVER_LIST ($SERVER_COUNT x $GPUS_PER_SERVER GPU); logs $LOG_DIR"
 
 # ---------------------------------------------------------------- teardown, preemption
@@ -116,8 +118,12 @@ cleanup() {
   stop_step "$TRAINER_PID" 90
   stop_step "$SERVER_PID" 60
   if [ -f "$LOG_DIR/gym/gym_stack.json" ]; then  # rank 0 died before it could stop Gym
-    mg_py -c 'import sys; from megagym.gym.process import stop_from_state; stop_from_state(sys.argv[1])' \
-      "$LOG_DIR/gym" || true
+    mg_py -c 'import sys
+from megagym.gym.process import stop_from_state
+try:
+    stop_from_state(sys.argv[1])
+except FileNotFoundError:  # rank 0 finished stopping it meanwhile
+    pass' "$LOG_DIR/gym" || true
   fi
 }
 on_usr1() {
