@@ -81,8 +81,11 @@ def gpu_slice(visible: str, local: int, per_server: int, offset: int) -> str:
     return ",".join(devices[start:start + per_server])
 
 
-def serve(cfg, url_dir: Path, port_base: int, advertise: str) -> int:
-    """Publish this task's URL in `url_dir`, then become `megagym serve` (exec) with the run's settings."""
+def serve(cfg, url_dir: Path, port_base: int, advertise: str, bind: str = "127.0.0.1") -> int:
+    """Publish this task's URL in `url_dir`, then become `megagym serve` (exec) with the run's settings.
+
+    `bind` is the listening address: 127.0.0.1 when every client is on this node, the cluster-facing
+    address (or 0.0.0.0) when the trainer and Gym run on other nodes."""
     from megagym.launch.local import server_overrides
 
     index, local = _task_env()
@@ -101,13 +104,13 @@ def serve(cfg, url_dir: Path, port_base: int, advertise: str) -> int:
         with socket.socket() as s:
             s.bind(("", 0))
             port = s.getsockname()[1]
-    host = advertise or socket.gethostname()
+    host = advertise or ("127.0.0.1" if bind.startswith("127.") else socket.gethostname())
     url_dir.mkdir(parents=True, exist_ok=True)
     tmp = url_dir / f".server_{index}.url.tmp"
     tmp.write_text(f"http://{host}:{port}\n")
     os.replace(tmp, url_dir / f"server_{index}.url")
     argv = [sys.executable, "-m", "megagym.cli", "serve", "--model", cfg.model.hf_path,
-            "--host", "0.0.0.0", "--port", str(port), *server_overrides(cfg)]
+            "--host", bind, "--port", str(port), *server_overrides(cfg)]
     print(f"megagym cluster serve: server {index} on {host}:{port} "
           f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '')})", flush=True)
     os.execve(sys.executable, argv, env)
@@ -161,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("overrides", nargs="*")
     s.add_argument("--url-dir", required=True, help="shared folder where server_<i>.url is written")
     s.add_argument("--port-base", type=int, default=0, help="port of local server 0 (0: a free port)")
-    s.add_argument("--advertise", default="", help="host name others use to reach this node (default: hostname)")
+    s.add_argument("--advertise", default="", help="host name others use to reach this node "
+                                                   "(default: 127.0.0.1 with a loopback --bind, else hostname)")
+    s.add_argument("--bind", default="127.0.0.1", help="listening address (0.0.0.0 when other nodes call it)")
     w = sub.add_parser("wait", help="wait until COUNT published servers are healthy; print their URLs (JSON)")
     w.add_argument("url_dir")
     w.add_argument("--count", type=int, required=True)
@@ -178,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 values = [query(cfg, key) for key in a.get]
             print("\n".join(values))
             return 0
-        return serve(cfg, Path(a.url_dir), a.port_base, a.advertise)
+        return serve(cfg, Path(a.url_dir), a.port_base, a.advertise, a.bind)
     except (ConfigError, RuntimeError, TimeoutError) as e:
         print(f"megagym cluster {a.cmd}: {e}", file=sys.stderr)
         return 2

@@ -95,9 +95,21 @@ def train(cfg: RunConfig, resume: bool = False) -> None:
                 busy = sum(metrics.get(k, 0.0) for k in ("time/generation", "time/training", "time/sync"))
                 metrics["time/idle"] = max(0.0, metrics["time/step"] - busy)
                 side.log(done, metrics)
+        if rank0:
+            _plot(run_dir)
     finally:
         if side is not None:
             side.stop()
+
+
+def _plot(run_dir: Path) -> None:
+    """The run's curves in RUN_DIR/plots (what `megagym plot RUN_DIR` draws); never fails the run."""
+    from megagym.metrics.plot import plot_run
+
+    try:
+        print(f"megagym train: curves in {plot_run(run_dir)[0].parent}", flush=True)
+    except Exception as e:
+        print(f"megagym train: plotting failed ({e}); metrics are in {run_dir}/metrics.jsonl", file=sys.stderr)
 
 
 def _prepare(cfg, batch, metrics: dict, assign_advantages):

@@ -36,6 +36,8 @@
 #   MEGAGYM_TRAIN_PROCS_PER_NODE  trainer ranks per trainer node [its GPUs not used by servers; 1 on CPU]
 #   MEGAGYM_MASTER_PORT       torch.distributed port [20001 + job id % 10000]
 #   MEGAGYM_SERVER_PORT       port of the first server on a node [0 = a free port]
+#   MEGAGYM_SERVER_BIND       servers' listening address [127.0.0.1 on one node, else 0.0.0.0: the
+#                             trainer and Gym call them from other nodes]
 #   MEGAGYM_SERVER_TIMEOUT    seconds for all servers to become healthy [1200]
 #   MEGAGYM_LOG_DIR           component logs [<output_dir>/logs/slurm-<job id>-r<restart count>]
 # Logs: trainer_<rank>.log, server_<i>.log, gym/gym.log (Gym), and this script's own output file.
@@ -143,7 +145,7 @@ rm -rf "$URL_DIR"
 mg_srun --nodes="$SERVER_HOSTS" --ntasks="$SERVER_COUNT" --ntasks-per-node="$SERVERS_PER_NODE" \
   --nodelist="$SERVER_LIST" --output="$LOG_DIR/server_%t.log" --kill-on-bad-exit=0 -- \
   python -m megagym.cluster serve "$CONFIG" "${OVERRIDES[@]}" --url-dir "$URL_DIR" \
-  --port-base "${MEGAGYM_SERVER_PORT:-0}" &
+  --port-base "${MEGAGYM_SERVER_PORT:-0}" --bind "${MEGAGYM_SERVER_BIND:-$([ "$N" -gt 1 ] && echo 0.0.0.0 || echo 127.0.0.1)}" &
 SERVER_PID=$!
 # in the background so that a USR1/TERM arriving meanwhile is handled at once
 mg_py -m megagym.cluster wait "$URL_DIR" --count "$SERVER_COUNT" --timeout "${MEGAGYM_SERVER_TIMEOUT:-1200}" \
