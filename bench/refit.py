@@ -20,6 +20,11 @@ finish (tied lm_head refresh, prefix-cache reset) and resume, as the training lo
     python bench/refit.py --model tiny --repeats 5
     python bench/refit.py --model qwen3-4b --bucket-mb 512 --repeats 2
     python bench/refit.py --model tiny --backend nccl   # GPU machine with vLLM (unverified here)
+    python bench/refit.py --run-dir runs/tiny_cpu       # step-time breakdown of a finished run
+
+`--run-dir` reads a run's metrics.jsonl (e.g. after `bash launch/local.sh`) and prints the mean
+seconds per step of generation / training / sync / idle, each as a share of the step, with sync
+against training as the ratio: what weight sync costs the loop.
 """
 
 from __future__ import annotations
@@ -102,6 +107,23 @@ def plain_copy_seconds(stream) -> tuple[float, int]:
     return time.perf_counter() - t0, sum(nbytes_of(s) for s, _ in pairs)
 
 
+def step_breakdown(run_dir: str) -> None:
+    """Mean seconds per training step of each phase of a finished run, from its metrics.jsonl."""
+    from megagym.metrics.writer import read_metrics
+
+    steps = [r for r in read_metrics(run_dir) if "time/step" in r and "time/training" in r]
+    if not steps:
+        raise SystemExit(f"{run_dir}: no step timings in metrics.jsonl")
+    mean = {k: statistics.fmean(r.get(f"time/{k}", 0.0) for r in steps)
+            for k in ("generation", "training", "sync", "idle", "step")}
+    print(f"{run_dir}: {len(steps)} steps")
+    print("| phase | mean s / step | share of step |")
+    print("|---|---|---|")
+    for k in ("generation", "training", "sync", "idle", "step"):
+        print(f"| {k} | {mean[k]:.2f} | {mean[k] / mean['step']:.0%} |")
+    print(f"\nsync / training = {mean['sync'] / mean['training']:.3f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description="weight-sync benchmark")
     p.add_argument("--model", choices=["tiny", "qwen3-4b"], default="tiny")
@@ -110,7 +132,11 @@ def main() -> None:
     p.add_argument("--bucket-mb", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--master-port", type=int, default=29555, help="nccl only")
+    p.add_argument("--run-dir", default="", help="print the step-time breakdown of this run instead")
     a = p.parse_args()
+    if a.run_dir:
+        step_breakdown(a.run_dir)
+        return
 
     with tempfile.TemporaryDirectory(prefix="refit-bench-") as tmp:
         root = Path(tmp)

@@ -64,8 +64,6 @@ def problems(cfg, nproc: int = 1, gpus: int | None = None) -> list[str]:
     if cfg.servers.urls and cfg.servers.weight_sync == "shm" and any(
             not u.startswith(("http://127.", "http://localhost")) for u in cfg.servers.urls):
         out.append("servers.weight_sync=shm needs servers on this host; use nccl for other nodes")
-    if cfg.grpo.kl_coef > 0:
-        out.append("grpo.kl_coef > 0 needs a reference model, which the loop does not load yet")
     return out
 
 

@@ -2,6 +2,7 @@
 
     policy = Policy.build(cfg)                        # cfg: megagym.config.schema.RunConfig
     lps  = policy.compute_logprobs(samples)           # list[Tensor[len(s.token_ids)]] on rank 0
+    refs = policy.compute_ref_logprobs(samples)       # the same under the frozen reference model
     m    = policy.train_step(samples, old_logprobs=None, ref_logprobs=None)  # dict[str, float]
     for bucket in policy.export_hf_buckets(bucket_bytes): ...  # list[(hf_name, Tensor)] on rank 0
     policy.save(ckpt_dir, extra_state={...}); extra = policy.load(ckpt_dir)
@@ -18,6 +19,11 @@ Logprob alignment: `compute_logprobs` returns, per sample, a tensor as long as `
 entry t is log p(token_ids[t] | token_ids[:t]) at the GRPO temperature (entry 0 is 0.0), i.e.
 aligned with `Sample.gen_logprobs`; `old_logprobs` / `ref_logprobs` passed to `train_step` use
 the same layout. `Sample.advantage` must be set (see `advantages.assign_advantages`).
+
+Reference model: with `grpo.kl_coef > 0` the policy also holds a frozen copy of the initial
+weights (`model.hf_path`, same TP/PP layout, no gradients, no optimizer state, not checkpointed:
+a resumed run rebuilds it from the same folder), and `train_step` computes the reference
+logprobs itself when the caller passes none.
 Must not: talk to vLLM, Gym or the network; hold rollout logic.
 """
 
@@ -47,10 +53,12 @@ def _ps():
 
 
 class Policy:
-    def __init__(self, cfg, arch: HFArch, model, optimizer, scheduler, padded_vocab: int) -> None:
+    def __init__(self, cfg, arch: HFArch, model, optimizer, scheduler, padded_vocab: int,
+                 ref_model=None) -> None:
         self.cfg = cfg
         self.arch = arch
         self.model = model
+        self.ref_model = ref_model
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.padded_vocab = padded_vocab
@@ -81,7 +89,13 @@ class Policy:
         model = DistributedDataParallel(config=gpt.config, ddp_config=ddp_config, module=gpt)
         gpt.config.finalize_model_grads_func = finalize_model_grads
         optimizer, scheduler = build_optimizer(cfg.optim, model, dtype)
-        return cls(cfg, arch, model, optimizer, scheduler, padded)
+        ref_model = None
+        if cfg.grpo.kl_coef > 0:
+            ref_model = build_gpt_model(arch, dtype, cfg.model.layer_spec, cfg.model.make_vocab_size_divisible_by)
+            load_hf_into_model(ref_model, cfg.model.hf_path, arch, padded)
+            ref_model.requires_grad_(False)
+            ref_model.eval()
+        return cls(cfg, arch, model, optimizer, scheduler, padded, ref_model)
 
     # ------------------------------------------------------------------ helpers
     def _my_micro_batches(self, token_ids, loss_masks, per_token, per_sample) -> list:
@@ -102,9 +116,18 @@ class Policy:
         return ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
 
     # ------------------------------------------------------------------ API
-    @torch.no_grad()
     def compute_logprobs(self, samples: Optional[list] = None) -> Optional[list[torch.Tensor]]:
         """No-grad logprobs of every token of every sample (collective); the list on rank 0."""
+        return self._logprobs(self.model, samples)
+
+    def compute_ref_logprobs(self, samples: Optional[list] = None) -> Optional[list[torch.Tensor]]:
+        """`compute_logprobs` under the frozen reference model (needs grpo.kl_coef > 0)."""
+        if self.ref_model is None:
+            raise ValueError("no reference model: it is built only with grpo.kl_coef > 0")
+        return self._logprobs(self.ref_model, samples)
+
+    @torch.no_grad()
+    def _logprobs(self, model, samples: Optional[list]) -> Optional[list[torch.Tensor]]:
         samples = broadcast_object(samples)
         n = len(samples)
         token_ids = [s.token_ids for s in samples]
@@ -122,9 +145,10 @@ class Policy:
                     out[sid] = full
             return lp.new_zeros(()), torch.zeros((), dtype=torch.int)
 
-        self.model.eval()
-        run_schedule(self.model, mbs, collect, forward_only=True)
-        self.model.train()
+        was_training = model.training
+        model.eval()
+        run_schedule(model, mbs, collect, forward_only=True)
+        model.train(was_training)
         mine = out if self._reports() else {}
         gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(mine, gathered, dst=0)
@@ -141,7 +165,7 @@ class Policy:
         samples, old_logprobs, ref_logprobs = broadcast_object((samples, old_logprobs, ref_logprobs))
         g = self.cfg.grpo
         if g.kl_coef > 0 and ref_logprobs is None:
-            raise ValueError("grpo.kl_coef > 0 needs ref_logprobs")
+            ref_logprobs = broadcast_object(self.compute_ref_logprobs(samples))
         token_ids = [s.token_ids for s in samples]
         per_token = {"gen": [s.gen_logprobs for s in samples]}
         if old_logprobs is not None:

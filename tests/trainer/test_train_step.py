@@ -52,3 +52,17 @@ def test_resume_gives_same_next_step(train):
     assert r["grad_norm"][0] == r["grad_norm"][1]
     assert r["lr"][0] == r["lr"][1]
     assert r["weights_equal"], (r["weights_max_diff"], r["weights_diff_names"])
+
+
+def test_kl_to_reference_model(train):
+    """grpo.kl_coef > 0: the policy builds a frozen reference (the initial weights) and adds
+    kl_coef * k3(ref, logp). At step 1 policy == reference, so k3 and its gradient are ~zero and the
+    step equals the no-KL run's; step 2 then differs exactly by kl_coef * mean k3."""
+    r, plain = train["kl"], train["layouts"]["tp2pp2"]["metrics"]
+    assert r["ref_vs_policy_at_start"] < 1e-5  # same weights; fp32 rounding of two model objects
+    assert r["ref_moved"] == 0.0 and r["policy_moved"] > 1e-3  # only the policy trains
+    k1, k2 = r["metrics"]
+    assert abs(k1["kl"]) < 1e-10 and k2["kl"] > 1e-6
+    assert k1["loss"] == pytest.approx(plain[0]["loss"], rel=1e-6, abs=1e-7)
+    assert k1["grad_norm"] == pytest.approx(plain[0]["grad_norm"], rel=1e-5)
+    assert k2["loss"] == pytest.approx(plain[1]["loss"] + r["coef"] * k2["kl"], rel=1e-5, abs=1e-6)

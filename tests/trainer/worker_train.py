@@ -148,6 +148,26 @@ if rank == 0:
         "weights_diff_names": sorted(k for k in w3 if not torch.equal(w3[k], w3b[k]))[:5],
     }
     torch.save({"seqs": seqs, "logits": logits_at_ckpt}, out_dir / "trained_logits.pt")
+
+# --- KL to the reference model at TP2xPP2 (kl_coef 0.1): train_step computes the reference
+# logprobs itself from a frozen copy of the initial weights
+del policy
+dist.barrier()
+KL_COEF = 0.1
+policy = Policy.build(make_cfg(hf_dir, 2, 2, optim=SECTIONS["optim"], grpo=dict(SECTIONS["grpo"], kl_coef=KL_COEF)))
+ref0 = policy.compute_ref_logprobs(samples if rank == 0 else None)
+cur0 = policy.compute_logprobs(samples if rank == 0 else None)
+k1 = policy.train_step(samples if rank == 0 else None, old_logprobs=old if rank == 0 else None)
+k2 = policy.train_step(samples if rank == 0 else None, old_logprobs=old if rank == 0 else None)
+ref2 = policy.compute_ref_logprobs(samples if rank == 0 else None)
+cur2 = policy.compute_logprobs(samples if rank == 0 else None)
+if rank == 0:
+    results["kl"] = {
+        "coef": KL_COEF, "metrics": [k1, k2],
+        "ref_vs_policy_at_start": max(float((a - b).abs().max()) for a, b in zip(ref0, cur0)),
+        "ref_moved": max(float((a - b).abs().max()) for a, b in zip(ref0, ref2)),
+        "policy_moved": max(float((a - b).abs().max()) for a, b in zip(cur0, cur2)),
+    }
     (out_dir / "train.json").write_text(json.dumps(results, indent=1))
 dist.barrier()
 dist.destroy_process_group()
