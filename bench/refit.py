@@ -23,7 +23,7 @@ finish (tied lm_head refresh, prefix-cache reset) and resume, as the training lo
     python bench/refit.py --run-dir runs/tiny_cpu       # step-time breakdown of a finished run
 
 `--run-dir` reads a run's metrics.jsonl (e.g. after `bash launch/local.sh`) and prints the mean
-seconds per step of generation / training / sync / idle, each as a share of the step, with sync
+seconds per step of generation / training / sync / validation / checkpoint / idle, each as a share of the step, with sync
 against training as the ratio: what weight sync costs the loop.
 """
 
@@ -114,12 +114,12 @@ def step_breakdown(run_dir: str) -> None:
     steps = [r for r in read_metrics(run_dir) if "time/step" in r and "time/training" in r]
     if not steps:
         raise SystemExit(f"{run_dir}: no step timings in metrics.jsonl")
-    mean = {k: statistics.fmean(r.get(f"time/{k}", 0.0) for r in steps)
-            for k in ("generation", "training", "sync", "idle", "step")}
+    phases = ("generation", "training", "sync", "validation", "checkpoint", "idle", "step")
+    mean = {k: statistics.fmean(r.get(f"time/{k}", 0.0) for r in steps) for k in phases}
     print(f"{run_dir}: {len(steps)} steps")
     print("| phase | mean s / step | share of step |")
     print("|---|---|---|")
-    for k in ("generation", "training", "sync", "idle", "step"):
+    for k in phases:
         print(f"| {k} | {mean[k]:.2f} | {mean[k] / mean['step']:.0%} |")
     print(f"\nsync / training = {mean['sync'] / mean['training']:.3f}")
 

@@ -84,7 +84,7 @@ def train(cfg: RunConfig, resume: bool = False) -> None:
             done = step + 1
             if rank0 and (done == cfg.train.steps or (cfg.train.val_every and done % cfg.train.val_every == 0)):
                 side.source.wait_prefetch()
-                metrics.update(side.source.validate())
+                metrics.update(side.source.validate())  # includes time/validation
             if cfg.checkpoint.every_steps and (done % cfg.checkpoint.every_steps == 0 or done == cfg.train.steps):
                 t0 = time.monotonic()
                 extra = broadcast_object({"data": {"cursor": cursor_state}} if rank0 else None)
@@ -92,7 +92,8 @@ def train(cfg: RunConfig, resume: bool = False) -> None:
                 metrics["time/checkpoint"] = time.monotonic() - t0
             if rank0:
                 metrics["time/step"] = time.monotonic() - t_step
-                busy = sum(metrics.get(k, 0.0) for k in ("time/generation", "time/training", "time/sync"))
+                busy = sum(metrics.get(f"time/{k}", 0.0)
+                           for k in ("generation", "training", "sync", "validation", "checkpoint"))
                 metrics["time/idle"] = max(0.0, metrics["time/step"] - busy)
                 side.log(done, metrics)
         if rank0:
@@ -190,6 +191,17 @@ class _Rank0Side:
                     print(f"megagym train: stopping {type(part).__name__}: {e}", file=sys.stderr)
 
 
+def _quiet_known_warnings() -> None:
+    """Hide warnings megatron-core and torch print on every CPU run that need no action from the
+    user (no TE/apex on CPU, deprecated collectives called inside megatron-core); others still show."""
+    import warnings
+
+    for message in (r"Transformer Engine and Apex are not installed", r"Apex is not installed",
+                    r"full scope is deprecated", r"`torch\.distributed\.\w+` is deprecated",
+                    r"The \.grad attribute of a Tensor that is not a leaf Tensor"):
+        warnings.filterwarnings("ignore", message=message)
+
+
 def parse(argv: list[str]):
     p = argparse.ArgumentParser(prog="megagym train", description="GRPO training on NeMo Gym environments")
     p.add_argument("config", nargs="?", help="run YAML (configs/tiny_cpu.yaml)")
@@ -217,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megagym train: {e}", file=sys.stderr)
         return 2
     if a.worker:
+        _quiet_known_warnings()
         train(cfg, resume=a.resume)
         return 0
     from megagym.launch.local import run_local

@@ -2,7 +2,7 @@
 
 Owns: turning `metrics.jsonl` into four pictures — training reward, validation score, gen-KL
 (and |trainer - generation| logprob gap), and the per-step time breakdown (generation / training
-/ sync / idle, stacked). Must not: read anything but the JSONL, or need a display.
+/ sync / validation / checkpoint / idle, stacked). Must not: read anything but the JSONL, or need a display.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ PANELS = {
     "validation.png": ("Validation", ["val/reward_mean", "val/pass@1"]),
     "gen_kl.png": ("Train/generation mismatch", ["train/gen_k3", "train/gen_abs_diff"]),
 }
-TIME_KEYS = ["time/generation", "time/training", "time/sync", "time/idle"]
+TIME_KEYS = ["time/generation", "time/training", "time/sync", "time/validation", "time/checkpoint", "time/idle"]
 
 
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -58,7 +58,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         plt.close(fig)
         written.append(out / filename)
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(7.5, 3.5))
     steps = [r["step"] for r in records if any(k in r for k in TIME_KEYS)]
     bottom = [0.0] * len(steps)
     for key in TIME_KEYS:
@@ -69,7 +69,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     ax.set_title("Step time breakdown (s)")
     ax.set_xlabel("step")
     if steps:
-        ax.legend()
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(out / "step_time.png", dpi=100)
     plt.close(fig)
