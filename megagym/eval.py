@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="result JSON file")
     p.add_argument("--work-dir", help="conversion and logs (default: <out dir>/.eval-<name>)")
     p.add_argument("--keep-hf", action="store_true", help="keep the converted HF folder")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     from megagym.config.schema import RunConfig
 
     try:

@@ -210,7 +210,7 @@ def parse(argv: list[str]):
     p.add_argument("--dry-run", action="store_true", help="resolve and check the config; start nothing")
     p.add_argument("--nproc", type=int, default=1, help="trainer ranks on this machine (local launcher)")
     p.add_argument("--worker", action="store_true", help="run as a trainer rank (launchers pass this)")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)  # options may sit between the config and the overrides
     if a.config and "=" in a.config and not a.config.endswith((".yaml", ".yml")):
         a.overrides.insert(0, a.config)
         a.config = None

@@ -37,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     pt = sub.add_parser("stop", help="stop a detached Gym stack of CONFIG")
     pt.add_argument("config")
     pt.add_argument("overrides", nargs="*")
-    a = p.parse_args(argv)
+    a, extra = p.parse_known_args(argv)  # overrides may follow an option such as --detach
+    if any("=" not in e or e.startswith("-") for e in extra):
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    a.overrides = list(a.overrides) + extra
 
     from megagym.gym.process import GymError, GymStack, stop_from_state
 

@@ -25,7 +25,7 @@ def parse(argv: list[str]):
     p.add_argument("--config", help="YAML file with ServerConfig keys")
     p.add_argument("--log-level", default="info")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_model_len=2048 train_sampling.temperature=0.7")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     overrides = list(a.overrides)
     for key in ("model", "host", "port"):
         value = getattr(a, key)

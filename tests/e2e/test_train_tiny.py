@@ -26,9 +26,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.gym, pytest.mark.vllm]
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _train(run_dir: Path, *overrides: str, resume: bool = False, timeout: float = 1500):
+def _train(run_dir: Path, *overrides: str, resume: bool = False, nproc: int = 1):
     cmd = [sys.executable, "-m", "megagym.cli", "train", str(REPO / "configs/tiny_cpu.yaml"),
-           f"run.output_dir={run_dir}", f"model.hf_path=tiny-random:{run_dir.parent / 'model'}",
+           "--nproc", str(nproc), f"run.output_dir={run_dir}", f"model.hf_path=tiny-random:{run_dir.parent / 'model'}",
            "rollout.progress=false", *overrides] + (["--resume"] if resume else [])
     return subprocess.Popen(cmd, cwd=REPO, stdout=open(run_dir.parent / f"{run_dir.name}.log", "ab"),
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -57,6 +57,25 @@ def test_tiny_cpu_learns(tmp_path):
     assert not _leftovers(run)
     assert subprocess.run([sys.executable, "-m", "megagym.cli", "plot", str(run)], cwd=REPO).returncode == 0
     assert (run / "plots" / "reward.png").stat().st_size > 2000
+
+
+def test_tensor_parallel_trainer_with_reference_model(tmp_path):
+    """Two trainer ranks (TP=2) under torchrun: every sync gathers the TP shards into full HF
+    tensors, and the engine then samples exactly what the trainer computes; the KL term uses the
+    frozen reference model in the loop."""
+    run = tmp_path / "run"
+    run.mkdir()
+    proc = _train(run, "parallel.tensor_parallel=2", "grpo.kl_coef=0.01", "train.steps=3", "optim.total_steps=3",
+                  "train.prompts_per_step=4", "rollout.n=4", "train.val_before_training=false",
+                  "train.val_limit=2", "train.val_n=1", "checkpoint.every_steps=0", nproc=2)
+    assert proc.wait(timeout=1200) == 0, (tmp_path / "run.log").read_text()[-4000:]
+    steps = [r for r in read_metrics(run) if "train/loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for r in steps:
+        assert r["train/gen_abs_diff"] < 1e-4, r["train/gen_abs_diff"]
+        assert r["sync/weight_version"] == r["step"]
+    assert abs(steps[0]["train/kl"]) < 1e-9 < steps[2]["train/kl"]  # reference == initial weights
+    assert not _leftovers(run)
 
 
 def test_killed_trainer_resumes_without_losing_or_repeating_prompts(tmp_path):
