@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from megagym.config import ConfigError, load, to_dict
+from megagym.config import ConfigError, load, redacted, to_dict
 from megagym.config.schema import RunConfig
 
 
@@ -43,7 +43,7 @@ def train(cfg: RunConfig, resume: bool = False) -> None:
     side = _Rank0Side(cfg, run_dir) if rank0 else None
     try:
         if rank0:
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(redacted(to_dict(cfg)), sort_keys=False))
             side.start()
         latest = broadcast_object(str(latest_checkpoint(ckpt_root) or "") if rank0 and resume else None)
         if latest:
@@ -158,14 +158,14 @@ class _Rank0Side:
                               "(run `megagym train` without --worker to start them on this machine)")
         self.writer = MetricsWriter(self.run_dir, tensorboard=cfg.train.tensorboard,
                                     wandb_project=cfg.train.wandb_project, run_name=cfg.run.name,
-                                    config=to_dict(cfg))
+                                    config=redacted(to_dict(cfg)))
         if not cfg.env.run_dir:
             cfg.env.run_dir = str(self.run_dir / "gym")
         print(f"megagym train: starting Gym ({', '.join(cfg.env.environments)})", flush=True)
         self.stack = GymStack.start(cfg.env, policy_base_urls=[u.rstrip("/") + "/v1" for u in urls])
         self.source = BatchSource(cfg, self.stack)
         self.sender = make_sender(cfg.servers.weight_sync, urls, bucket_bytes=cfg.servers.bucket_mb << 20,
-                                  timeout_s=cfg.servers.sync_timeout_s)
+                                  timeout_s=cfg.servers.sync_timeout_s, api_key=cfg.servers.settings.get("api_key"))
         self.sender.init()
 
     def record_batch(self, step: int, batch) -> None:

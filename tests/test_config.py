@@ -57,3 +57,17 @@ def test_malformed_override():
 def test_run_config_defaults():
     cfg = build(RunConfig, {"run": {"name": "t"}})
     assert cfg.run.name == "t"
+
+
+def test_server_api_key_is_the_single_source_for_gym_and_never_written():
+    from megagym.config import ConfigError, load, redacted, to_dict
+    from megagym.config.schema import RunConfig
+
+    cfg = load(RunConfig, None, ["servers.settings.api_key=s3cret"])
+    assert cfg.env.policy_api_key == "s3cret"  # Gym's model proxy sends the servers' key
+    shown = redacted(to_dict(cfg))
+    assert shown["servers"]["settings"]["api_key"] == shown["env"]["policy_api_key"] == "<redacted>"
+    assert "s3cret" not in repr(shown)
+    assert redacted(to_dict(load(RunConfig)))["env"]["policy_api_key"] == "dummy"
+    with pytest.raises(ConfigError, match="policy_api_key"):
+        load(RunConfig, None, ["servers.settings.api_key=a", "env.policy_api_key=b"])

@@ -1,5 +1,5 @@
 """Configuration: typed sections (`schema.py`) loaded from YAML plus dotted overrides (`loader.py`)."""
 
-from megagym.config.loader import ConfigError, apply_overrides, build, load, read_yaml, to_dict
+from megagym.config.loader import ConfigError, apply_overrides, build, load, read_yaml, redacted, to_dict
 
-__all__ = ["ConfigError", "apply_overrides", "build", "load", "read_yaml", "to_dict"]
+__all__ = ["ConfigError", "apply_overrides", "build", "load", "read_yaml", "redacted", "to_dict"]

@@ -148,6 +148,16 @@ def load(cls: type, path: str | Path | None = None, overrides: list[str] | None 
     return build(cls, data)
 
 
+def redacted(data: Any) -> Any:
+    """`data` (from `to_dict`) with every `*api_key` value replaced, for files, logs and trackers."""
+    if isinstance(data, dict):
+        return {k: ("<redacted>" if k.endswith("api_key") and v not in (None, "", "dummy") else redacted(v))
+                for k, v in data.items()}
+    if isinstance(data, list):
+        return [redacted(v) for v in data]
+    return data
+
+
 def to_dict(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}

@@ -67,7 +67,8 @@ class ServersSection:
                `megagym train` starts `count` servers on this machine and stops them at the end.
     settings   `megagym serve` settings (megagym.server.config.ServerConfig fields) for local servers,
                e.g. {kv_cache_gib: 1, max_model_len: 2048}; model, sampling and weight_sync are
-               filled from the run.
+               filled from the run. `settings.api_key` makes every server require that bearer key;
+               the run then sends it everywhere (Gym's policy_api_key, weight sync, model lookup).
     """
 
     urls: list[str] = field(default_factory=list)
@@ -103,3 +104,8 @@ class RunConfig:
                              f"({self.rollout.temperature}): the trainer recomputes the sampled distribution")
         if self.rollout.top_p != 1.0:
             raise ValueError("rollout.top_p must be 1.0: the trainer's logprobs do not renormalise a nucleus")
+        key = self.servers.settings.get("api_key")
+        if key:  # one source of truth: Gym's model proxy must send the servers' key
+            if self.env.policy_api_key not in ("dummy", key):
+                raise ValueError("env.policy_api_key differs from servers.settings.api_key: set only the latter")
+            self.env.policy_api_key = str(key)

@@ -165,7 +165,7 @@ class GymStack:
         """Compose, launch and wait for a Gym stack; on any failure everything started is stopped."""
         resolve_environments(cfg)  # an unknown environment fails before anything else
         urls = list(policy_base_urls if policy_base_urls is not None else cfg.policy_base_urls)
-        name = policy_model_name or cfg.policy_model_name or (model_name_of(urls[0]) if urls else "")
+        name = policy_model_name or cfg.policy_model_name or (model_name_of(urls[0], api_key=cfg.policy_api_key) if urls else "")
         plan = compose(cfg, urls, name, run_dir)
         stack = cls(plan, cfg.start_timeout_s, cfg.stop_timeout_s)
         stack.launch()
@@ -388,10 +388,11 @@ def stop_from_state(run_dir: str | Path, timeout: float = 20.0) -> list[str]:
     return left
 
 
-def model_name_of(base_url: str, timeout: float = 10.0) -> str:
+def model_name_of(base_url: str, timeout: float = 10.0, api_key: str = "") -> str:
     """The first model id a policy server lists at GET {base_url}/models."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key and api_key != "dummy" else {}
     try:
-        r = httpx.get(f"{base_url.rstrip('/')}/models", timeout=timeout)
+        r = httpx.get(f"{base_url.rstrip('/')}/models", timeout=timeout, headers=headers)
         r.raise_for_status()
         return r.json()["data"][0]["id"]
     except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from megagym.config import to_dict
+from megagym.config import redacted, to_dict
 
 
 def problems(cfg, nproc: int = 1, gpus: int | None = None) -> list[str]:
@@ -75,7 +75,7 @@ def check(cfg, nproc: int = 1) -> int:
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else None
     except ImportError:
         pass
-    print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    print(yaml.safe_dump(redacted(to_dict(cfg)), sort_keys=False))
     found = problems(cfg, nproc, gpus)
     for p in found:
         print(f"problem: {p}")

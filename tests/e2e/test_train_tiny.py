@@ -62,10 +62,11 @@ def test_tiny_cpu_learns(tmp_path):
 def test_tensor_parallel_trainer_with_reference_model(tmp_path):
     """Two trainer ranks (TP=2) under torchrun: every sync gathers the TP shards into full HF
     tensors, and the engine then samples exactly what the trainer computes; the KL term uses the
-    frozen reference model in the loop."""
+    frozen reference model in the loop. The servers require a bearer key: Gym's model proxy, the
+    model lookup and weight sync all send it, and no file of the run holds it."""
     run = tmp_path / "run"
     run.mkdir()
-    proc = _train(run, "parallel.tensor_parallel=2", "grpo.kl_coef=0.01", "train.steps=3", "optim.total_steps=3",
+    proc = _train(run, "parallel.tensor_parallel=2", "grpo.kl_coef=0.01", "servers.settings.api_key=e2e-secret", "train.steps=3", "optim.total_steps=3",
                   "train.prompts_per_step=4", "rollout.n=4", "train.val_before_training=false",
                   "train.val_limit=2", "train.val_n=1", "checkpoint.every_steps=0", nproc=2)
     assert proc.wait(timeout=1200) == 0, (tmp_path / "run.log").read_text()[-4000:]
@@ -75,6 +76,8 @@ def test_tensor_parallel_trainer_with_reference_model(tmp_path):
         assert r["train/gen_abs_diff"] < 1e-4, r["train/gen_abs_diff"]
         assert r["sync/weight_version"] == r["step"]
     assert abs(steps[0]["train/kl"]) < 1e-9 < steps[2]["train/kl"]  # reference == initial weights
+    assert "e2e-secret" not in (run / "config.yaml").read_text()
+    assert "<redacted>" in (run / "config.yaml").read_text()
     assert not _leftovers(run)
 
 

@@ -82,12 +82,15 @@ class SyncStats:
 class ServerGroup:
     """HTTP control plane to every policy server: each call fans out and waits for all."""
 
-    def __init__(self, urls: list[str] | str, timeout_s: float = 600.0):
+    def __init__(self, urls: list[str] | str, timeout_s: float = 600.0, api_key: str | None = None):
         self.urls = [u.rstrip("/") for u in ([urls] if isinstance(urls, str) else urls)]
         if not self.urls:
             raise ValueError("no policy server URLs given")
         self.timeout_s = timeout_s
         self.sessions = [requests.Session() for _ in self.urls]
+        for s in self.sessions:
+            if api_key:  # the servers' bearer key (servers.settings.api_key)
+                s.headers["Authorization"] = f"Bearer {api_key}"
         self.pool = ThreadPoolExecutor(max_workers=max(2, len(self.urls)), thread_name_prefix="wsync")
 
     def _call(self, i: int, method: str, path: str, body: dict | None) -> dict:
@@ -139,8 +142,8 @@ class WeightSender(ABC):
     backend: str = ""
 
     def __init__(self, urls: list[str] | str, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 pause_mode: str = "wait", timeout_s: float = 600.0):
-        self.servers = ServerGroup(urls, timeout_s)
+                 pause_mode: str = "wait", timeout_s: float = 600.0, api_key: str | None = None):
+        self.servers = ServerGroup(urls, timeout_s, api_key)
         self.bucket_bytes = int(bucket_bytes)
         self.pause_mode = pause_mode
         self._initialized = False
