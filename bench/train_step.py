@@ -30,6 +30,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from megagym.trainer import quiet_known_warnings  # noqa: E402
+
+quiet_known_warnings()
 
 
 def make_samples(n: int, seq: int, prompt: int, seed: int = 0):

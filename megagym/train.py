@@ -191,17 +191,6 @@ class _Rank0Side:
                     print(f"megagym train: stopping {type(part).__name__}: {e}", file=sys.stderr)
 
 
-def _quiet_known_warnings() -> None:
-    """Hide warnings megatron-core and torch print on every CPU run that need no action from the
-    user (no TE/apex on CPU, deprecated collectives called inside megatron-core); others still show."""
-    import warnings
-
-    for message in (r"Transformer Engine and Apex are not installed", r"Apex is not installed",
-                    r"full scope is deprecated", r"`torch\.distributed\.\w+` is deprecated",
-                    r"The \.grad attribute of a Tensor that is not a leaf Tensor"):
-        warnings.filterwarnings("ignore", message=message)
-
-
 def parse(argv: list[str]):
     p = argparse.ArgumentParser(prog="megagym train", description="GRPO training on NeMo Gym environments")
     p.add_argument("config", nargs="?", help="run YAML (configs/tiny_cpu.yaml)")
@@ -229,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megagym train: {e}", file=sys.stderr)
         return 2
     if a.worker:
-        _quiet_known_warnings()
+        from megagym.trainer import quiet_known_warnings
+
+        quiet_known_warnings()
         train(cfg, resume=a.resume)
         return 0
     from megagym.launch.local import run_local
