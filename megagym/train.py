@@ -25,6 +25,7 @@ from pathlib import Path
 
 from megagym.config import ConfigError, load, redacted, to_dict
 from megagym.config.schema import RunConfig
+from megagym.rollout.batches import GymDied
 
 
 def train(cfg: RunConfig, resume: bool = False) -> None:
@@ -221,7 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         from megagym.trainer import quiet_known_warnings
 
         quiet_known_warnings()
-        train(cfg, resume=a.resume)
+        try:
+            train(cfg, resume=a.resume)
+        except GymDied as e:
+            print(f"megagym train: {e}", file=sys.stderr, flush=True)
+            return 3
         return 0
     from megagym.launch.local import run_local
 

@@ -6,6 +6,11 @@ are replaced by new prompts, a bounded number of times), prefetching the next ba
 background thread for the one-step-off mode, and validation rollouts (mean reward, pass@1).
 Must not: touch the model or weights; the loop decides when weights change, and it must wait
 for a prefetch to finish before it changes them (no trajectory may span two weight versions).
+
+A Gym server that has died makes every later rollout through it fail, so a training batch never
+goes on without it: `next()` raises `GymDied` (before taking prompts, or after a round with
+failures), the run stops, and `--resume` restarts Gym and redoes the steps since the last
+checkpoint, whose cursor does not include the prompts of the lost batch.
 """
 
 from __future__ import annotations
@@ -33,9 +38,14 @@ class Batch:
         return [s for g in self.groups for s in g.samples]
 
 
+class GymDied(RuntimeError):
+    """A Gym server of the run is dead; the training batch cannot be trusted."""
+
+
 class BatchSource:
     def __init__(self, cfg, stack):
         self.cfg = cfg
+        self.stack = stack
         self.rows = load_env_rows(cfg.env, "train")
         self.cursor = PromptCursor(len(self.rows), seed=cfg.run.seed)
         rollout = cfg.rollout
@@ -58,10 +68,13 @@ class BatchSource:
         dropped = failures = 0
         need, rounds = t.prompts_per_step, 0
         metrics: dict = {}
+        self._check_gym()
         while True:
             idx = self.cursor.take(need)
             got = asyncio.run(self._gather([self.rows[i] for i in idx], idx))
             metrics = _merge_counts(metrics, self.manager.metrics.summary())
+            if any(g.failures for g in got):
+                self._check_gym()
             for g in got:
                 failures += len(g.failures)
                 rewards = g.rewards
@@ -77,6 +90,13 @@ class BatchSource:
         metrics.update({"batch/groups": len(groups), "batch/dropped_equal_reward": dropped,
                         "batch/refill_rounds": rounds, "batch/failed_rollouts": failures})
         return Batch(groups, self.cursor.state_dict(), time.monotonic() - t0, metrics)
+
+    def _check_gym(self) -> None:
+        dead = self.stack.dead_servers()
+        if dead:
+            why = "; ".join(f"{name}: {reason}" for name, reason in sorted(dead.items()))
+            raise GymDied(f"Gym server(s) died ({why}); the run stops here. `megagym train CONFIG "
+                          "--resume` restarts Gym and redoes the steps since the last checkpoint")
 
     async def _gather(self, rows, idx) -> list[RolloutGroup]:
         return [g async for g in self.manager.generate(rows, idx)]

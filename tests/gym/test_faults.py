@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request, Response
 from megagym.config.schema import RunConfig
 from megagym.config import load
 from megagym.gym import GymStack
+from megagym.rollout.batches import BatchSource, GymDied
 from megagym.gym.cli import main as gym_cli
 from megagym.gym.compose import free_port
 from megagym.gym.process import marker_pids
@@ -159,6 +160,12 @@ env:
             m = mgr.metrics.summary()
             assert m["rollout/lowercase_words/failures"] == 2 * rc.n
             assert m["rollout/lowercase_words_b/failures"] == len(b_failures)
+            # the training loop does not go on with a dead Gym server: it stops before taking prompts
+            source = BatchSource(cfg, stack)
+            before = source.cursor.state_dict()
+            with pytest.raises(GymDied, match="lowercase_words_b.*--resume"):
+                source.next()
+            assert source.cursor.state_dict() == before
         finally:
             # stop through the CLI (state file in the run directory), then check nothing is left
             rc_stop = gym_cli(["stop", str(run_yaml)])
