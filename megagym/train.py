@@ -54,14 +54,14 @@ def train(cfg: RunConfig, resume: bool = False) -> None:
                 print(f"megagym train: resumed from {latest} at step {policy.step}", flush=True)
             _sync(policy, side)  # the servers start from the HF weights: give them the trained ones
         elif rank0 and cfg.train.val_before_training:
-            side.log(policy.step, side.source.validate())
+            side.log(policy.step, side.with_gym("validation", side.source.validate))
 
         for step in range(policy.step, cfg.train.steps):
             t_step = time.monotonic()
             samples, metrics, cursor_state = None, {}, None
             if rank0:
                 t0 = time.monotonic()
-                batch = side.source.next()
+                batch = side.with_gym("rollouts", side.source.next)
                 if cfg.train.mode == "one_step_off" and step + 1 < cfg.train.steps:
                     side.source.prefetch()
                 metrics["time/generation"] = time.monotonic() - t0
@@ -85,13 +85,14 @@ def train(cfg: RunConfig, resume: bool = False) -> None:
             done = step + 1
             if rank0 and (done == cfg.train.steps or (cfg.train.val_every and done % cfg.train.val_every == 0)):
                 side.source.wait_prefetch()
-                metrics.update(side.source.validate())  # includes time/validation
+                metrics.update(side.with_gym("validation", side.source.validate))  # incl. time/validation
             if cfg.checkpoint.every_steps and (done % cfg.checkpoint.every_steps == 0 or done == cfg.train.steps):
                 t0 = time.monotonic()
                 extra = broadcast_object({"data": {"cursor": cursor_state}} if rank0 else None)
                 save_step(policy, ckpt_root, extra, keep_last=cfg.checkpoint.keep_last)
                 metrics["time/checkpoint"] = time.monotonic() - t0
             if rank0:
+                metrics["gym/restarts"] = side.gym_restarts
                 metrics["time/step"] = time.monotonic() - t_step
                 busy = sum(metrics.get(f"time/{k}", 0.0)
                            for k in ("generation", "training", "sync", "validation", "checkpoint"))
@@ -145,6 +146,7 @@ class _Rank0Side:
     def __init__(self, cfg: RunConfig, run_dir: Path):
         self.cfg, self.run_dir = cfg, run_dir
         self.stack = self.source = self.sender = self.writer = None
+        self.gym_restarts = 0
 
     def start(self) -> None:
         from megagym.gym.process import GymStack
@@ -162,12 +164,33 @@ class _Rank0Side:
                                     config=redacted(to_dict(cfg)))
         if not cfg.env.run_dir:
             cfg.env.run_dir = str(self.run_dir / "gym")
-        print(f"megagym train: starting Gym ({', '.join(cfg.env.environments)})", flush=True)
-        self.stack = GymStack.start(cfg.env, policy_base_urls=[u.rstrip("/") + "/v1" for u in urls])
+        self.stack = self._start_gym()
         self.source = BatchSource(cfg, self.stack)
         self.sender = make_sender(cfg.servers.weight_sync, urls, bucket_bytes=cfg.servers.bucket_mb << 20,
                                   timeout_s=cfg.servers.sync_timeout_s, api_key=cfg.servers.settings.get("api_key"))
         self.sender.init()
+
+    def _start_gym(self):
+        from megagym.gym.process import GymStack
+
+        print(f"megagym train: starting Gym ({', '.join(self.cfg.env.environments)})", flush=True)
+        return GymStack.start(self.cfg.env, policy_base_urls=[u.rstrip("/") + "/v1" for u in self.cfg.servers.urls])
+
+    def with_gym(self, what: str, fn):
+        """`fn()` (a batch or a validation); when a Gym server has died, restart the whole stack and
+        call it again (the batch source rewound its cursor), at most `train.gym_restarts` times a run."""
+        while True:
+            try:
+                return fn()
+            except GymDied as e:
+                if self.gym_restarts >= self.cfg.train.gym_restarts:
+                    raise
+                self.gym_restarts += 1
+                print(f"megagym train: {e} during {what}; restarting Gym "
+                      f"({self.gym_restarts}/{self.cfg.train.gym_restarts}) and redoing it", flush=True)
+                self.stack.stop()
+                self.stack = self._start_gym()
+                self.source.rebind(self.stack)
 
     def record_batch(self, step: int, batch) -> None:
         """Which prompt rows each step trained on (`batches.jsonl`): resumes can be audited."""
@@ -225,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             train(cfg, resume=a.resume)
         except GymDied as e:
-            print(f"megagym train: {e}", file=sys.stderr, flush=True)
+            print(f"megagym train: {e}; Gym was restarted {cfg.train.gym_restarts} time(s) already, "
+                  "so the run stops. `megagym train CONFIG --resume` continues from the last checkpoint",
+                  file=sys.stderr, flush=True)
             return 3
         return 0
     from megagym.launch.local import run_local

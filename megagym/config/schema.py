@@ -34,6 +34,8 @@ class TrainSection:
     dynamic_sampling   drop groups whose rewards are all equal (no signal) and refill with new prompts,
                        at most `max_refill_rounds` times a step
     overlong_filter    leave truncated trajectories (stopped at max_output_tokens) out of the loss
+    gym_restarts       times a run restarts a Gym stack that has a dead server and redoes the
+                       batch (same prompts) before it stops
     """
 
     steps: int = 10
@@ -42,6 +44,7 @@ class TrainSection:
     dynamic_sampling: bool = False
     max_refill_rounds: int = 2
     overlong_filter: bool = False
+    gym_restarts: int = 2
     val_every: int = 0  # 0: validate only before the first and after the last step
     val_before_training: bool = True
     val_limit: Optional[int] = None  # validation rows per environment (None: all)
@@ -55,8 +58,8 @@ class TrainSection:
     def validate(self) -> None:
         if self.steps < 0 or self.prompts_per_step < 1:
             raise ValueError("steps must be >= 0 and prompts_per_step >= 1")
-        if self.val_every < 0 or self.val_n < 1 or self.max_refill_rounds < 0:
-            raise ValueError("val_every >= 0, val_n >= 1 and max_refill_rounds >= 0 are required")
+        if self.val_every < 0 or self.val_n < 1 or self.max_refill_rounds < 0 or self.gym_restarts < 0:
+            raise ValueError("val_every >= 0, val_n >= 1, max_refill_rounds >= 0 and gym_restarts >= 0 are required")
 
 
 @dataclass

@@ -7,10 +7,10 @@ background thread for the one-step-off mode, and validation rollouts (mean rewar
 Must not: touch the model or weights; the loop decides when weights change, and it must wait
 for a prefetch to finish before it changes them (no trajectory may span two weight versions).
 
-A Gym server that has died makes every later rollout through it fail, so a training batch never
-goes on without it: `next()` raises `GymDied` (before taking prompts, or after a round with
-failures), the run stops, and `--resume` restarts Gym and redoes the steps since the last
-checkpoint, whose cursor does not include the prompts of the lost batch.
+A Gym server that has died makes every later rollout through it fail, so a batch never goes on
+without it: `next()` and `validate()` raise `GymDied` (checked before prompts are taken and after
+any round with failures) and leave the cursor where the batch began; the loop then restarts Gym,
+calls `rebind(new_stack)` and asks again, so the same prompts are redone.
 """
 
 from __future__ import annotations
@@ -48,17 +48,22 @@ class BatchSource:
         self.stack = stack
         self.rows = load_env_rows(cfg.env, "train")
         self.cursor = PromptCursor(len(self.rows), seed=cfg.run.seed)
-        rollout = cfg.rollout
-        self.manager = RolloutManager(rollout, stack)
-        val = dataclasses.replace(rollout, n=cfg.train.val_n, temperature=cfg.train.val_temperature,
-                                  top_p=cfg.train.val_top_p)
-        self.val_manager = RolloutManager(val, stack, success_threshold=cfg.train.val_success_threshold)
+        self.rebind(stack)
         try:
             self.val_rows = load_env_rows(cfg.env, "validation", limit=cfg.train.val_limit)
         except ValueError:
             self.val_rows = []
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="megagym-rollouts")
         self._pending: Future | None = None
+
+    def rebind(self, stack) -> None:
+        """Send rollouts to `stack` (a restarted Gym) from now on."""
+        cfg = self.cfg
+        self.stack = stack
+        self.manager = RolloutManager(cfg.rollout, stack)
+        val = dataclasses.replace(cfg.rollout, n=cfg.train.val_n, temperature=cfg.train.val_temperature,
+                                  top_p=cfg.train.val_top_p)
+        self.val_manager = RolloutManager(val, stack, success_threshold=cfg.train.val_success_threshold)
 
     # ------------------------------------------------------------------ training batches
     def _collect(self) -> Batch:
@@ -69,12 +74,17 @@ class BatchSource:
         need, rounds = t.prompts_per_step, 0
         metrics: dict = {}
         self._check_gym()
+        start = self.cursor.state_dict()
         while True:
             idx = self.cursor.take(need)
             got = asyncio.run(self._gather([self.rows[i] for i in idx], idx))
             metrics = _merge_counts(metrics, self.manager.metrics.summary())
             if any(g.failures for g in got):
-                self._check_gym()
+                try:
+                    self._check_gym()
+                except GymDied:
+                    self.cursor.load_state_dict(start)  # the batch is redone from its first prompt
+                    raise
             for g in got:
                 failures += len(g.failures)
                 rewards = g.rewards
@@ -95,8 +105,7 @@ class BatchSource:
         dead = self.stack.dead_servers()
         if dead:
             why = "; ".join(f"{name}: {reason}" for name, reason in sorted(dead.items()))
-            raise GymDied(f"Gym server(s) died ({why}); the run stops here. `megagym train CONFIG "
-                          "--resume` restarts Gym and redoes the steps since the last checkpoint")
+            raise GymDied(f"Gym server(s) died ({why})")
 
     async def _gather(self, rows, idx) -> list[RolloutGroup]:
         return [g async for g in self.manager.generate(rows, idx)]
@@ -122,8 +131,11 @@ class BatchSource:
     def validate(self) -> dict:
         if not self.val_rows:
             return {}
+        self._check_gym()
         t0 = time.monotonic()
         groups = asyncio.run(self._gather_val())
+        if any(g.failures for g in groups):
+            self._check_gym()
         rewards = [s.reward for g in groups for s in g.samples]
         thr = self.cfg.train.val_success_threshold
         out = {f"val/{k.split('/', 1)[1]}": v for k, v in self.val_manager.metrics.summary().items()}

@@ -81,6 +81,57 @@ def test_tensor_parallel_trainer_with_reference_model(tmp_path):
     assert not _leftovers(run)
 
 
+def _resources_server_pids(run: Path) -> list[int]:
+    """Python processes of the run's Gym stack serving megagym's lowercase_words resources server."""
+    from megagym.gym.process import STATE_FILE, marker_pids
+
+    state = json.loads((run / "gym" / STATE_FILE).read_text())
+    found = []
+    for pid in marker_pids(state["run_id"]):
+        try:
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            continue
+        if cwd.endswith("resources_servers/lowercase_words") and b"python" in cmd:
+            found.append(pid)
+    return found
+
+
+def test_dead_gym_server_is_restarted_and_its_batch_redone(tmp_path):
+    """SIGKILL the resources server after step 1: the loop restarts Gym, redoes that batch with the
+    same prompts, and the run ends with every step trained on the seeded cursor's rows."""
+    small = ["train.steps=3", "train.prompts_per_step=4", "rollout.n=4", "checkpoint.every_steps=0",
+             "train.val_before_training=false", "train.val_limit=2", "train.val_n=1", "optim.total_steps=3",
+             "rollout.max_retries=1"]
+    run = tmp_path / "run"
+    run.mkdir()
+    proc = _train(run, *small)
+    deadline = time.time() + 900
+    while time.time() < deadline and proc.poll() is None and not (
+            (run / "metrics.jsonl").exists() and '"step": 1' in (run / "metrics.jsonl").read_text()):
+        time.sleep(0.5)
+    assert proc.poll() is None, (tmp_path / "run.log").read_text()[-4000:]
+    victims = _resources_server_pids(run)
+    assert victims, "no lowercase_words server process found"
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    assert proc.wait(timeout=900) == 0, (tmp_path / "run.log").read_text()[-4000:]
+    log = (tmp_path / "run.log").read_text()
+    assert "restarting Gym (1/2)" in log, log[-4000:]
+    recs = read_metrics(run)
+    steps = [r for r in recs if "train/loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert steps[-1]["gym/restarts"] == 1
+    cfg = load(RunConfig, REPO / "configs/tiny_cpu.yaml", small)
+    cursor = PromptCursor(len(load_env_rows(cfg.env, "train")), seed=cfg.run.seed)
+    trained = [json.loads(line) for line in (run / "batches.jsonl").read_text().splitlines()]
+    assert [b["step"] for b in trained] == [1, 2, 3]
+    for b in trained:  # the redone batch used the prompts the dead one had taken, nothing skipped
+        assert b["rows"] == sorted(cursor.take(4)), b
+    assert not _leftovers(run)
+
+
 def test_killed_trainer_resumes_without_losing_or_repeating_prompts(tmp_path):
     """One-step-off mode, killed (SIGKILL) after its step-2 checkpoint, resumed to step 4."""
     small = ["train.steps=4", "train.prompts_per_step=4", "rollout.n=4", "checkpoint.every_steps=2",
