@@ -1,7 +1,9 @@
 """End to end on CPU: `megagym train` with a real vLLM policy server, real Gym and Megatron.
 
-The embedded default (configs/tiny_cpu.yaml) must lift validation reward by a clear margin, and
-a trainer killed mid-run must resume from its last checkpoint with no prompt lost or used twice.
+The embedded default (configs/tiny_cpu.yaml, started as the README does: `bash launch/local.sh`)
+must lift validation reward by a clear margin; two TP ranks must sync resharded weights exactly;
+a killed Gym server must be restarted with its batch redone; and a trainer killed mid-run must
+resume from its last checkpoint with no prompt lost or used twice.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.gym, pytest.mark.vllm]
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _train(run_dir: Path, *overrides: str, resume: bool = False, nproc: int = 1):
-    cmd = [sys.executable, "-m", "megagym.cli", "train", str(REPO / "configs/tiny_cpu.yaml"),
-           "--nproc", str(nproc), f"run.output_dir={run_dir}", f"model.hf_path=tiny-random:{run_dir.parent / 'model'}",
+def _train(run_dir: Path, *overrides: str, resume: bool = False, nproc: int = 1, script: bool = False):
+    """`megagym train` on the tiny config in its own session; `script`: through launch/local.sh (the
+    README's one command: setup check, then the same `megagym train`)."""
+    entry = ["bash", str(REPO / "launch/local.sh")] if script else [sys.executable, "-m", "megagym.cli", "train"]
+    cmd = [*entry, str(REPO / "configs/tiny_cpu.yaml"), "--nproc", str(nproc), f"run.output_dir={run_dir}", f"model.hf_path=tiny-random:{run_dir.parent / 'model'}",
            "rollout.progress=false", *overrides] + (["--resume"] if resume else [])
     return subprocess.Popen(cmd, cwd=REPO, stdout=open(run_dir.parent / f"{run_dir.name}.log", "ab"),
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -42,7 +46,7 @@ def _leftovers(run_dir: Path) -> list[str]:
 def test_tiny_cpu_learns(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    proc = _train(run)
+    proc = _train(run, script=True)
     assert proc.wait(timeout=1500) == 0, (tmp_path / "run.log").read_text()[-4000:]
     recs = read_metrics(run)
     vals = [r["val/reward_mean"] for r in recs if "val/reward_mean" in r]
@@ -55,6 +59,7 @@ def test_tiny_cpu_learns(tmp_path):
         assert r["sync/weight_version"] == r["step"]
     assert (run / "checkpoints" / "step_00000012").is_dir()
     assert not _leftovers(run)
+    assert (run / "plots" / "step_time.png").stat().st_size > 2000  # written by the run itself
     assert subprocess.run([sys.executable, "-m", "megagym.cli", "plot", str(run)], cwd=REPO).returncode == 0
     assert (run / "plots" / "reward.png").stat().st_size > 2000
 
