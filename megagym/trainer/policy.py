@@ -118,17 +118,17 @@ class Policy:
     # ------------------------------------------------------------------ API
     def compute_logprobs(self, samples: Optional[list] = None) -> Optional[list[torch.Tensor]]:
         """No-grad logprobs of every token of every sample (collective); the list on rank 0."""
-        return self._logprobs(self.model, samples)
+        return self._logprobs(self.model, broadcast_object(samples))
 
     def compute_ref_logprobs(self, samples: Optional[list] = None) -> Optional[list[torch.Tensor]]:
         """`compute_logprobs` under the frozen reference model (needs grpo.kl_coef > 0)."""
         if self.ref_model is None:
             raise ValueError("no reference model: it is built only with grpo.kl_coef > 0")
-        return self._logprobs(self.ref_model, samples)
+        return self._logprobs(self.ref_model, broadcast_object(samples))
 
     @torch.no_grad()
-    def _logprobs(self, model, samples: Optional[list]) -> Optional[list[torch.Tensor]]:
-        samples = broadcast_object(samples)
+    def _logprobs(self, model, samples: list) -> Optional[list[torch.Tensor]]:
+        """`samples` already on every rank; the result on rank 0."""
         n = len(samples)
         token_ids = [s.token_ids for s in samples]
         mbs = self._my_micro_batches(token_ids, [[1] * len(t) for t in token_ids], {}, {})
@@ -165,7 +165,7 @@ class Policy:
         samples, old_logprobs, ref_logprobs = broadcast_object((samples, old_logprobs, ref_logprobs))
         g = self.cfg.grpo
         if g.kl_coef > 0 and ref_logprobs is None:
-            ref_logprobs = broadcast_object(self.compute_ref_logprobs(samples))
+            ref_logprobs = broadcast_object(self._logprobs(self.ref_model, samples))  # samples are on every rank
         token_ids = [s.token_ids for s in samples]
         per_token = {"gen": [s.gen_logprobs for s in samples]}
         if old_logprobs is not None:

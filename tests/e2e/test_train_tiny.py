@@ -38,6 +38,19 @@ def _train(run_dir: Path, *overrides: str, resume: bool = False, nproc: int = 1,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def _small(steps: int, *more: str) -> list[str]:
+    """Overrides of a short run: 4 prompts x 4 rollouts a step, 2 validation prompts at the end."""
+    return [f"train.steps={steps}", f"optim.total_steps={steps}", "train.prompts_per_step=4", "rollout.n=4",
+            "train.val_before_training=false", "train.val_limit=2", "train.val_n=1", *more]
+
+
+def _seeded_rows(overrides: list[str], steps: int) -> dict[int, list[int]]:
+    """Step -> prompt rows an uninterrupted run takes: the seeded cursor over the train rows."""
+    cfg = load(RunConfig, REPO / "configs/tiny_cpu.yaml", overrides)
+    cursor = PromptCursor(len(load_env_rows(cfg.env, "train")), seed=cfg.run.seed)
+    return {step: sorted(cursor.take(cfg.train.prompts_per_step)) for step in range(1, steps + 1)}
+
+
 def _leftovers(run_dir: Path) -> list[str]:
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if str(run_dir) in line and "ps -eo" not in line]
@@ -71,9 +84,8 @@ def test_tensor_parallel_trainer_with_reference_model(tmp_path):
     model lookup and weight sync all send it, and no file of the run holds it."""
     run = tmp_path / "run"
     run.mkdir()
-    proc = _train(run, "parallel.tensor_parallel=2", "grpo.kl_coef=0.01", "servers.settings.api_key=e2e-secret", "train.steps=3", "optim.total_steps=3",
-                  "train.prompts_per_step=4", "rollout.n=4", "train.val_before_training=false",
-                  "train.val_limit=2", "train.val_n=1", "checkpoint.every_steps=0", nproc=2)
+    proc = _train(run, *_small(3, "parallel.tensor_parallel=2", "grpo.kl_coef=0.01",
+                               "servers.settings.api_key=e2e-secret", "checkpoint.every_steps=0"), nproc=2)
     assert proc.wait(timeout=1200) == 0, (tmp_path / "run.log").read_text()[-4000:]
     steps = [r for r in read_metrics(run) if "train/loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
@@ -106,9 +118,7 @@ def _resources_server_pids(run: Path) -> list[int]:
 def test_dead_gym_server_is_restarted_and_its_batch_redone(tmp_path):
     """SIGKILL the resources server after step 1: the loop restarts Gym, redoes that batch with the
     same prompts, and the run ends with every step trained on the seeded cursor's rows."""
-    small = ["train.steps=3", "train.prompts_per_step=4", "rollout.n=4", "checkpoint.every_steps=0",
-             "train.val_before_training=false", "train.val_limit=2", "train.val_n=1", "optim.total_steps=3",
-             "rollout.max_retries=1"]
+    small = _small(3, "checkpoint.every_steps=0", "rollout.max_retries=1")
     run = tmp_path / "run"
     run.mkdir()
     proc = _train(run, *small)
@@ -128,20 +138,16 @@ def test_dead_gym_server_is_restarted_and_its_batch_redone(tmp_path):
     steps = [r for r in recs if "train/loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert steps[-1]["gym/restarts"] == 1
-    cfg = load(RunConfig, REPO / "configs/tiny_cpu.yaml", small)
-    cursor = PromptCursor(len(load_env_rows(cfg.env, "train")), seed=cfg.run.seed)
     trained = [json.loads(line) for line in (run / "batches.jsonl").read_text().splitlines()]
+    # the redone batch used the prompts the dead one had taken, nothing skipped
+    assert {b["step"]: b["rows"] for b in trained} == _seeded_rows(small, 3)
     assert [b["step"] for b in trained] == [1, 2, 3]
-    for b in trained:  # the redone batch used the prompts the dead one had taken, nothing skipped
-        assert b["rows"] == sorted(cursor.take(4)), b
     assert not _leftovers(run)
 
 
 def test_killed_trainer_resumes_without_losing_or_repeating_prompts(tmp_path):
     """One-step-off mode, killed (SIGKILL) after its step-2 checkpoint, resumed to step 4."""
-    small = ["train.steps=4", "train.prompts_per_step=4", "rollout.n=4", "checkpoint.every_steps=2",
-             "train.val_before_training=false", "train.val_limit=2", "train.val_n=1", "optim.total_steps=4",
-             "train.mode=one_step_off"]
+    small = _small(4, "checkpoint.every_steps=2", "train.mode=one_step_off")
     run = tmp_path / "run"
     run.mkdir()
     proc = _train(run, *small)
@@ -163,11 +169,7 @@ def test_killed_trainer_resumes_without_losing_or_repeating_prompts(tmp_path):
     for line in (run / "batches.jsonl").read_text().splitlines():
         rec = json.loads(line)
         rows[rec["step"]] = rec["rows"]  # a step repeated after the crash keeps its last record
-    # The prompts an uninterrupted run takes: the seeded cursor over the environment's train rows.
-    cfg = load(RunConfig, REPO / "configs/tiny_cpu.yaml", small)
-    cursor = PromptCursor(len(load_env_rows(cfg.env, "train")), seed=cfg.run.seed)
-    want = {step: sorted(cursor.take(4)) for step in range(1, 5)}
-    assert rows == want  # none lost, none repeated
+    assert rows == _seeded_rows(small, 4)  # none lost, none repeated
     recs = [r for r in read_metrics(run) if "train/loss" in r]
     assert [r["step"] for r in recs][-2:] == [3, 4]
     # one step off: steps after the first train on samples of the previous weights
