@@ -26,6 +26,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class PortTaken(RuntimeError):
+    """The server could not bind its port: something else took it first."""
+
+
 @dataclass
 class ServerProcess:
     model_path: str
@@ -40,7 +44,20 @@ class ServerProcess:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 240.0) -> "ServerProcess":
+    def start(self, timeout_s: float = 240.0, attempts: int = 3) -> "ServerProcess":
+        """Start and wait for /health. A port this class picked can be taken by another process
+        (the engine's own workers included) before uvicorn binds it, late in start-up: then it
+        starts again on a new free port, up to `attempts` times."""
+        chosen = not self.port
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once(timeout_s)
+            except PortTaken:
+                if not chosen or attempt == attempts:
+                    raise
+                self.port = 0
+
+    def _start_once(self, timeout_s: float) -> "ServerProcess":
         self.port = self.port or free_port()
         cmd = self.command or [
             sys.executable, "-m", "megagym.cli", "serve", "--model", str(self.model_path),
@@ -55,7 +72,14 @@ class ServerProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode} during start-up; log:\n{self.tail()}")
+                code, pgid, self.proc = self.proc.returncode, self.proc.pid, None
+                try:
+                    os.killpg(pgid, signal.SIGKILL)  # engine processes the server left behind
+                except ProcessLookupError:
+                    pass
+                tail = self.tail()
+                kind = PortTaken if "address already in use" in tail else RuntimeError
+                raise kind(f"server exited with {code} during start-up; log:\n{tail}")
             try:
                 with urllib.request.urlopen(f"{self.base_url}/health", timeout=2) as r:
                     if r.status == 200:
