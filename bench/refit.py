@@ -1,6 +1,6 @@
 """Weight-sync (refit) benchmark: time and GB/s of pushing a whole model into a live vLLM engine.
 
-For each model it starts the demo policy server (`megagym.weights.sync.demo_server`: vLLM
+For each model it starts the test-only vLLM app (`megagym.testing.vllm_app`: vLLM
 `AsyncLLM` + the `/weights` router), pushes the full HF-named weights through a sender
 `--repeats` times after one warm-up push, and prints the median against a plain in-process
 copy of the same bytes into model-sized memory (one `copy_` per tensor: the floor for any
@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megagym.weights.sync.buckets import leaked_segments, nbytes_of  # noqa: E402
-from megagym.weights.sync.demo_server import DemoServerProcess  # noqa: E402
+from megagym.testing.vllm_app import VLLMTestServer  # noqa: E402
 from megagym.weights.sync.sender import make_sender  # noqa: E402
 
 QWEN3_4B = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
@@ -145,11 +145,12 @@ def main() -> None:
         else:
             model_dir, server_args, stream = qwen3_4b_model(root, a.layers)
         env = {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"} if a.backend == "ipc" else None
-        server = DemoServerProcess(model_dir, root / "server.log", backend=a.backend, extra_args=server_args, env=env)
+        server = VLLMTestServer(str(model_dir), log_path=root / "server.log", backend=a.backend,
+                                extra_args=server_args, env=env or {})
         sender = None
         try:
             t0 = time.perf_counter()
-            server.wait_ready(timeout_s=900)
+            server.start(timeout_s=900)
             print(f"engine up in {time.perf_counter() - t0:.1f} s", flush=True)
             kw = {"bucket_bytes": a.bucket_mb << 20}
             if a.backend == "shm":

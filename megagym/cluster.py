@@ -69,24 +69,13 @@ def _task_env() -> tuple[int, int]:
     return int(os.environ.get("SLURM_PROCID", 0)), int(os.environ.get("SLURM_LOCALID", 0))
 
 
-def gpu_slice(visible: str, local: int, per_server: int, offset: int) -> str:
-    """The CUDA_VISIBLE_DEVICES of server `local` on its node: `per_server` devices after `offset`."""
-    devices = [d for d in visible.split(",") if d.strip()]
-    start = offset + local * per_server
-    if per_server <= 0 or not devices:
-        return visible
-    if start + per_server > len(devices):
-        raise RuntimeError(f"server {local} needs devices {start}..{start + per_server - 1} "
-                           f"but only {len(devices)} are visible ({visible})")
-    return ",".join(devices[start:start + per_server])
-
-
 def serve(cfg, url_dir: Path, port_base: int, advertise: str, bind: str = "127.0.0.1") -> int:
     """Publish this task's URL in `url_dir`, then become `megagym serve` (exec) with the run's settings.
 
     `bind` is the listening address: 127.0.0.1 when every client is on this node, the cluster-facing
     address (or 0.0.0.0) when the trainer and Gym run on other nodes."""
-    from megagym.launch.local import server_overrides
+    from megagym.launch.servers import gpu_slice, server_overrides
+    from megagym.server.process import free_port, serve_argv
 
     index, local = _task_env()
     env = dict(os.environ)
@@ -94,23 +83,14 @@ def serve(cfg, url_dir: Path, port_base: int, advertise: str, bind: str = "127.0
     if per and env.get("CUDA_VISIBLE_DEVICES"):
         env["CUDA_VISIBLE_DEVICES"] = gpu_slice(env["CUDA_VISIBLE_DEVICES"], local,
                                                 per, int(env.get("MEGAGYM_GPU_OFFSET", "0") or 0))
-    gib = cfg.servers.settings.get("kv_cache_gib")
-    if gib:
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(int(gib))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if port_base:
-        port = port_base + local
-    else:
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
+    port = port_base + local if port_base else free_port(bind)
     host = advertise or ("127.0.0.1" if bind.startswith("127.") else socket.gethostname())
     url_dir.mkdir(parents=True, exist_ok=True)
     tmp = url_dir / f".server_{index}.url.tmp"
     tmp.write_text(f"http://{host}:{port}\n")
     os.replace(tmp, url_dir / f"server_{index}.url")
-    argv = [sys.executable, "-m", "megagym.cli", "serve", "--model", cfg.model.hf_path,
-            "--host", bind, "--port", str(port), *server_overrides(cfg)]
+    argv = serve_argv(cfg.model.hf_path, bind, port, server_overrides(cfg))
     print(f"megagym cluster serve: server {index} on {host}:{port} "
           f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '')})", flush=True)
     os.execve(sys.executable, argv, env)

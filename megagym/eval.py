@@ -50,17 +50,6 @@ def resolve_model(checkpoint: Path, work_dir: Path) -> tuple[Path, int | None, b
                             "nor an HF model folder (config.json)")
 
 
-def _gpu_env(cfg, i: int) -> dict[str, str]:
-    """Server i's own GPUs out of this node's visible ones (vLLM tensor parallel = servers.settings)."""
-    from megagym.cluster import gpu_slice
-
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    if not visible or cfg.servers.count == 1:
-        return {}
-    tp = int(cfg.servers.settings.get("tensor_parallel_size", 1))
-    return {"CUDA_VISIBLE_DEVICES": gpu_slice(visible, i, tp, 0)}
-
-
 def _free_master_port() -> dict:
     from megagym.server.process import free_port
 
@@ -91,9 +80,8 @@ def score(groups, val_n: int, threshold: float) -> dict:
 
 def evaluate(cfg, checkpoint: Path, out: Path, work_dir: Path | None = None, keep_hf: bool = False) -> dict:
     from megagym.gym.process import GymStack
-    from megagym.launch.local import _server_env, server_overrides
+    from megagym.launch.servers import policy_servers
     from megagym.rollout.manager import RolloutManager, load_env_rows
-    from megagym.server.process import ServerProcess
 
     t0 = time.monotonic()
     work_dir = Path(work_dir or out.parent / f".eval-{out.stem}")
@@ -105,27 +93,14 @@ def evaluate(cfg, checkpoint: Path, out: Path, work_dir: Path | None = None, kee
     t = cfg.train
     val = dataclasses.replace(cfg.rollout, n=t.val_n, temperature=t.val_temperature, top_p=t.val_top_p,
                               progress=False)
-    servers: list[ServerProcess] = []
-    stack = None
     try:
-        urls = list(cfg.servers.urls)
-        if not urls:
-            for i in range(cfg.servers.count):
-                sp = ServerProcess(str(hf), overrides=server_overrides(cfg), log_path=log_dir / f"server_{i}.log",
-                                   env={**_server_env(cfg), **_gpu_env(cfg, i)})
-                print(f"megagym eval: starting policy server {i} (log {sp.log_path})", flush=True)
-                servers.append(sp.start(timeout_s=cfg.servers.start_timeout_s))
-            urls = [s.base_url for s in servers]
-        stack = GymStack.start(cfg.env, policy_base_urls=[u.rstrip("/") + "/v1" for u in urls],
-                               run_dir=log_dir / "gym")
-        manager = RolloutManager(val, stack, success_threshold=t.val_success_threshold)
-        print(f"megagym eval: {len(rows)} prompts x {t.val_n} samples", flush=True)
-        groups = manager.collect(rows)
+        with policy_servers(cfg, str(hf), log_dir, "megagym eval") as urls:
+            with GymStack.start(cfg.env, policy_base_urls=[u.rstrip("/") + "/v1" for u in urls],
+                                run_dir=log_dir / "gym") as stack:
+                manager = RolloutManager(val, stack, success_threshold=t.val_success_threshold)
+                print(f"megagym eval: {len(rows)} prompts x {t.val_n} samples", flush=True)
+                groups = manager.collect(rows)
     finally:
-        if stack is not None:
-            stack.stop()
-        for sp in servers:
-            sp.stop()
         if temporary and not keep_hf:
             shutil.rmtree(hf, ignore_errors=True)
     result = {"checkpoint": str(checkpoint), "step": step, "run": cfg.run.name,

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from megagym.cluster import gpu_slice, main as cluster_main
+from megagym.cluster import main as cluster_main
+from megagym.launch.servers import gpu_slice
 from megagym.eval import merge, merge_main, score
 from megagym.types import RolloutGroup, Sample
 

@@ -12,7 +12,6 @@ Must not: start processes (that is `process.py`) or import nemo_gym.
 
 from __future__ import annotations
 
-import socket
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import yaml
 
 from megagym.config.loader import ConfigError
 from megagym.gym.config import EnvironmentSpec, GymConfig, resolve_environments, resolve_path
+from megagym.server.process import free_port
 
 SERVER_TYPES = ("resources_servers", "responses_api_agents", "responses_api_models", "environment_servers")
 RUN_MARKER_ENV = "MEGAGYM_GYM_RUN"  # inherited by every process of a Gym stack (Ray workers too)
@@ -57,12 +57,6 @@ def gym_install_root(venv: str | Path) -> Path:
             "`bash scripts/setup_gym.sh` (the README's setup command runs it)"
         )
     return hits[-1].parent.parent
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def deep_merge(base: dict, extra: dict) -> dict:

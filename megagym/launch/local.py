@@ -1,6 +1,6 @@
 """`megagym train` on one machine: policy servers + trainer ranks, all torn down at the end.
 
-Owns: starting `servers.count` `megagym serve` processes for the run's model (unless
+Owns: the run's policy servers (`launch/servers.py`: `servers.count` local ones unless
 `servers.urls` names running ones), then the trainer ranks (in this process for one rank,
 under torchrun for more) with the server URLs passed on, and stopping every process it started
 on normal exit, error, Ctrl-C or SIGTERM. Rank 0 of the trainer starts and stops Gym itself, so
@@ -18,34 +18,8 @@ import sys
 from pathlib import Path
 
 from megagym.gym.process import STATE_FILE, stop_from_state
-from megagym.server.process import ServerProcess, free_port
-
-
-def server_overrides(cfg) -> list[str]:
-    """`megagym serve` settings for this run: its model, sampling guard, weight sync, then `servers.settings`."""
-    settings = {
-        "dtype": cfg.model.dtype,
-        "weight_sync": cfg.servers.weight_sync,
-        "logprobs_mode": "processed_logprobs",
-        "train_sampling.temperature": cfg.rollout.temperature,
-        "train_sampling.top_p": cfg.rollout.top_p,
-        "validation_sampling.temperature": cfg.train.val_temperature,
-        "validation_sampling.top_p": cfg.train.val_top_p,
-        "seed": cfg.run.seed,
-    }
-    settings.update(_flatten(cfg.servers.settings))
-    return [f"{k}={json.dumps(v)}" for k, v in settings.items()]
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
+from megagym.launch.servers import policy_servers
+from megagym.server.process import free_port
 
 
 class _Terminated(Exception):
@@ -87,33 +61,33 @@ def run_local(cfg, config_path: str | None, overrides: list[str], resume: bool, 
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     gym_dir = Path(cfg.env.run_dir or run_dir / "gym")
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    servers: list[ServerProcess] = []
-    trainer: subprocess.Popen | None = None
     try:
-        urls = list(cfg.servers.urls)
-        if not urls:
-            for i in range(cfg.servers.count):
-                sp = ServerProcess(cfg.model.hf_path, overrides=server_overrides(cfg),
-                                   log_path=run_dir / "logs" / f"server_{i}.log",
-                                   env=_server_env(cfg))
-                print(f"megagym train: starting policy server {i} (log {sp.log_path})", flush=True)
-                servers.append(sp.start(timeout_s=cfg.servers.start_timeout_s))
-            urls = [s.base_url for s in servers]
-        argv = [sys.executable, "-m", "megagym.train", "--worker"]
-        if nproc > 1:
-            argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-                    f"--master-port={free_port()}", "-m", "megagym.train", "--worker"]
-        argv += ([config_path] if config_path else []) + overrides
-        argv += [f"servers.urls={json.dumps(urls)}", f"env.run_dir={json.dumps(str(gym_dir))}"]
-        argv += ["--resume"] if resume else []
+        with policy_servers(cfg, cfg.model.hf_path, run_dir / "logs", "megagym train") as urls:
+            return _run_trainer(urls, config_path, overrides, resume, nproc, gym_dir)
+    except (KeyboardInterrupt, _Terminated):
+        print("megagym train: interrupted; stopping the run", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_trainer(urls: list[str], config_path: str | None, overrides: list[str], resume: bool, nproc: int,
+                 gym_dir: Path) -> int:
+    """The trainer ranks in their own process group; they and Gym are stopped before the servers."""
+    argv = [sys.executable, "-m", "megagym.train", "--worker"]
+    if nproc > 1:
+        argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                f"--master-port={free_port()}", "-m", "megagym.train", "--worker"]
+    argv += ([config_path] if config_path else []) + overrides
+    argv += [f"servers.urls={json.dumps(urls)}", f"env.run_dir={json.dumps(str(gym_dir))}"]
+    argv += ["--resume"] if resume else []
+    trainer = None
+    try:
         trainer = subprocess.Popen(argv, start_new_session=True)
         code = trainer.wait()
         if code:
             print(f"megagym train: the trainer exited with {code}", file=sys.stderr)
         return code
-    except (KeyboardInterrupt, _Terminated):
-        print("megagym train: interrupted; stopping the run", file=sys.stderr)
-        return 130
     finally:
         if trainer is not None and trainer.poll() is None:
             _stop_group(trainer)
@@ -122,14 +96,6 @@ def run_local(cfg, config_path: str | None, overrides: list[str], resume: bool, 
                 stop_from_state(gym_dir)
             except Exception as e:
                 print(f"megagym train: stopping Gym: {e}", file=sys.stderr)
-        for sp in servers:
-            sp.stop()
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _server_env(cfg) -> dict[str, str]:
-    gib = cfg.servers.settings.get("kv_cache_gib")
-    return {"VLLM_CPU_KVCACHE_SPACE": str(int(gib))} if gib else {}
 
 
 def _stop_group(proc: subprocess.Popen, timeout_s: float = 60.0) -> None:

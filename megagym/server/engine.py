@@ -62,12 +62,18 @@ def has_cuda() -> bool:
         return False
 
 
+def set_cpu_kv_cache(gib: float) -> None:
+    """The one place `VLLM_CPU_KVCACHE_SPACE` is set: from `ServerConfig.kv_cache_gib` (CPU only;
+    the engine core it starts inherits it)."""
+    if not has_cuda():
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(gib))))
+
+
 async def start_engine(cfg: ServerConfig) -> Any:
     """A running AsyncLLM for `cfg` (call inside the serving loop, e.g. the app's lifespan)."""
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    if not has_cuda():
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(cfg.kv_cache_gib)))))
+    set_cpu_kv_cache(cfg.kv_cache_gib)
     llm = AsyncLLM.from_engine_args(engine_args(cfg))
     await llm.update_weight_version(str(cfg.initial_weight_version))
     return llm

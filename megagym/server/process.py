@@ -1,10 +1,12 @@
 """Start and stop a `megagym serve` subprocess (tests, benchmarks, launchers on one machine).
 
-Owns: launching the server in its own process group on 127.0.0.1, waiting (bounded) for
+Owns: the one `free_port`, the `megagym serve` command line (`serve_argv`, also exec'd by
+`megagym cluster serve`), launching the server in its own process group on 127.0.0.1, waiting (bounded) for
 `/health`, and stopping it: SIGTERM to the server's main PID first (so the engine shuts down in
 order and in-flight requests finish or fail cleanly), then SIGKILL to the whole group for
 anything left. The caller gets the base URL (no `/v1`) and the log path.
-Must not: pick models or settings beyond what it is given; import vLLM.
+Must not: pick models or settings beyond what it is given (the KV-cache size travels in the
+overrides, as `ServerConfig.kv_cache_gib`); import vLLM. Several servers for a run: launch/servers.py.
 """
 
 from __future__ import annotations
@@ -20,10 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now at `host` (the caller must still handle losing a race)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def serve_argv(model_path: str, host: str, port: int, overrides: list[str]) -> list[str]:
+    """The `megagym serve` command line for one server."""
+    return [sys.executable, "-m", "megagym.cli", "serve", "--model", str(model_path),
+            "--host", host, "--port", str(port), *overrides]
 
 
 class PortTaken(RuntimeError):
@@ -59,12 +68,9 @@ class ServerProcess:
 
     def _start_once(self, timeout_s: float) -> "ServerProcess":
         self.port = self.port or free_port()
-        cmd = self.command or [
-            sys.executable, "-m", "megagym.cli", "serve", "--model", str(self.model_path),
-            "--host", "127.0.0.1", "--port", str(self.port), *self.overrides,
-        ]
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **self.env}
+        cmd = self.command or self.argv()
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               **self.env}
         self.log_path = Path(self.log_path or f"/tmp/megagym-serve-{self.port}.log")
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -81,7 +87,7 @@ class ServerProcess:
                 kind = PortTaken if "address already in use" in tail else RuntimeError
                 raise kind(f"server exited with {code} during start-up; log:\n{tail}")
             try:
-                with urllib.request.urlopen(f"{self.base_url}/health", timeout=2) as r:
+                with urllib.request.urlopen(self.health_url(), timeout=2) as r:
                     if r.status == 200:
                         return self
             except OSError:
@@ -89,6 +95,13 @@ class ServerProcess:
             time.sleep(1.0)
         self.stop()
         raise TimeoutError(f"server not healthy after {timeout_s:.0f}s; log:\n{self.tail()}")
+
+    def argv(self) -> list[str]:
+        """The server's command line once its port is known (subclasses start other apps)."""
+        return serve_argv(self.model_path, "127.0.0.1", self.port, self.overrides)
+
+    def health_url(self) -> str:
+        return f"{self.base_url}/health"
 
     def tail(self, n: int = 60) -> str:
         try:

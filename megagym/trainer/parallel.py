@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from megagym.server.process import free_port
 
 
 @dataclass
@@ -26,12 +27,6 @@ class DistEnv:
     local_rank: int
     master_addr: str
     master_port: int
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_env() -> DistEnv:
@@ -49,7 +44,7 @@ def read_env() -> DistEnv:
     if "MASTER_PORT" in env:
         port = int(env["MASTER_PORT"])
     elif world == 1:
-        port = _free_port()
+        port = free_port()
     elif slurm and "SLURM_JOB_ID" in env:
         port = 20000 + int(env["SLURM_JOB_ID"]) % 20000  # same on every task of the job
     else:

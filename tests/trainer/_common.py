@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from megagym.server.process import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -25,12 +26,6 @@ def make_cfg(hf_path, tp=1, pp=1, **sections):
     if "temperature" in data.get("grpo", {}):  # the run config requires sampling == training temperature
         data.setdefault("rollout", {})["temperature"] = data["grpo"]["temperature"]
     return build(RunConfig, data)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(worker: str, nproc: int, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:

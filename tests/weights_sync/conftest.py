@@ -1,19 +1,20 @@
 """Fixtures for weight-sync tests: tiny checkpoints, a demo policy server process, references.
 
-The server (`megagym.weights.sync.demo_server`) runs in its own session/process group so that
+The server (`megagym.testing.vllm_app`, test-only) runs in its own session/process group so that
 teardown can stop it and its vLLM EngineCore/Worker children together. One server per test
 module: engine start-up costs ~30 s on 2 cores.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from megagym.weights.sync.buckets import leaked_segments
-from megagym.weights.sync.demo_server import DemoServerProcess
+from megagym.testing.vllm_app import VLLMTestServer
 
 # Fixed prompts (token ids < 151k) scored by teacher forcing on both sides.
 PROMPTS = [
@@ -23,14 +24,17 @@ PROMPTS = [
 ]
 
 
-def start_server(model: Path, log_path: Path, backend: str = "shm") -> DemoServerProcess:
-    server = DemoServerProcess(model, log_path, backend=backend)
-    try:
-        server.wait_ready()
-    except BaseException:
-        server.stop()
-        raise
-    return server
+def start_server(model: Path, log_path: Path, backend: str = "shm") -> VLLMTestServer:
+    return VLLMTestServer(str(model), log_path=log_path, backend=backend).start(timeout_s=300)
+
+
+def wait_for(condition, timeout_s: float = 120.0, what: str = "condition") -> None:
+    """Poll `condition()` until it is true; fail after `timeout_s` (a bound, not a duration assumed)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
+        time.sleep(0.05)
 
 
 _MODELS: dict[str, torch.nn.Module] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from fastapi import FastAPI
@@ -133,7 +134,9 @@ def test_watchdog_abandons_an_update_whose_trainer_went_quiet():
     async def go():
         await state.init(engine, {})
         await state.start(engine)
-        await asyncio.sleep(1.0)
+        deadline = time.monotonic() + 60
+        while state.active and time.monotonic() < deadline:  # the watchdog's doing, however slow the machine
+            await asyncio.sleep(0.05)
 
     asyncio.run(go())
     assert not state.active and engine.calls[-1] == "resume"

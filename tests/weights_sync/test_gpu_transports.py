@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megagym.testing.tiny_qwen3 import write_tiny_qwen3
-from megagym.weights.sync.demo_server import DemoServerProcess
+from megagym.testing.vllm_app import VLLMTestServer
 from megagym.weights.sync.sender import make_sender
 
 from .conftest import PROMPTS, hf_weights, max_abs_diff, reference_logprobs
@@ -39,10 +39,10 @@ def test_gpu_backend_sync_matches_trainer(backend, tmp_path):
     env = {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
     if backend == "nccl":
         env["CUDA_VISIBLE_DEVICES"] = "1"  # engine on GPU 1, trainer (this process) on GPU 0
-    server = DemoServerProcess(a, tmp_path / "server.log", backend=backend, env=env,
-                               extra_args=["--gpu-memory-utilization", "0.3"])
+    server = VLLMTestServer(str(a), log_path=tmp_path / "server.log", backend=backend, env=env,
+                            extra_args=["--gpu-memory-utilization", "0.3"])
     try:
-        server.wait_ready()
+        server.start(timeout_s=300)
         kw = {"master_address": "127.0.0.1", "master_port": 29561} if backend == "nccl" else {}
         torch.cuda.set_device(0)
         weights = {k: v.cuda() for k, v in hf_weights(b).items()}

@@ -17,7 +17,7 @@ from megagym.testing.tiny_qwen3 import write_tiny_qwen3
 from megagym.weights.sync.buckets import leaked_segments
 from megagym.weights.sync.sender import WeightSyncFailed, make_sender
 
-from .conftest import PROMPTS, hf_weights, max_abs_diff, reference_logprobs, start_server
+from .conftest import PROMPTS, hf_weights, max_abs_diff, reference_logprobs, start_server, wait_for
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -35,7 +35,7 @@ def ckpts(tmp_path_factory):
 def server(ckpts, tmp_path_factory, no_leaked_segments):
     srv = start_server(ckpts["A"], tmp_path_factory.mktemp("logs") / "server_tied.log")
     yield srv
-    srv.stop(grace_s=5)
+    srv.stop(timeout_s=5)
 
 
 @pytest.fixture(scope="module")
@@ -84,26 +84,39 @@ def test_stale_tied_lm_head_is_caught(server, sender, ckpts):
     assert max_abs_diff(server.score(PROMPTS), reference_logprobs(ckpts["B"])) < TOL
 
 
-def _generate(server, prompt, max_tokens, out):
-    r = requests.post(server.url + "/demo/generate", json={"prompt": prompt, "max_tokens": max_tokens}, timeout=300)
+def _generate(server, prompt, max_tokens, out, hold_file=None):
+    body = {"prompt": prompt, "max_tokens": max_tokens, "hold_file": str(hold_file) if hold_file else None}
+    r = requests.post(server.url + "/demo/generate", json=body, timeout=300)
     r.raise_for_status()
     out.update(r.json())
 
 
-def test_in_flight_request_finishes_on_old_weights_and_waiting_one_gets_new(server, sender, ckpts):
+def test_in_flight_request_finishes_on_old_weights_and_waiting_one_gets_new(server, sender, ckpts, tmp_path):
+    """Held by a file, not by time: the engine blocks the first request mid-generation while
+    `gate` exists (megagym.testing.vllm_hold), so it is surely in flight when the update begins."""
     old = state["current"]
     version = server.info()["weight_version"]
     prompt = PROMPTS[0]
     first, second = {}, {}
-    t1 = threading.Thread(target=_generate, args=(server, prompt, 160, first))
+    gate = tmp_path / "hold"
+    gate.touch()
+    t1 = threading.Thread(target=_generate, args=(server, prompt, 160, first, gate))
     t1.start()
-    time.sleep(1.0)
-    assert t1.is_alive(), "the long request finished before the update began; make it longer"
-    sender.begin()  # pause_mode="wait": returns once the in-flight request is done
+    try:
+        wait_for(lambda: (tmp_path / "hold.held").exists(), what="the engine to hold the first request")
+        begin = threading.Thread(target=sender.begin)  # pause_mode="wait": returns once the request is done
+        begin.start()
+        wait_for(lambda: server.info()["active"], what="the update to begin pausing the engine")
+        assert t1.is_alive() and begin.is_alive(), "the update did not wait for the in-flight request"
+    finally:
+        gate.unlink()
+    begin.join(120)
+    assert not begin.is_alive()
     t_paused = time.time()
+    received = server.generate_requests()
     t2 = threading.Thread(target=_generate, args=(server, prompt, 8, second))
     t2.start()
-    time.sleep(0.5)
+    wait_for(lambda: server.generate_requests() > received, what="the second request to reach the server")
     assert t2.is_alive(), "a request was served while the engine was paused for an update"
     sender.push(hf_weights(ckpts["C"]).items())
     stats = sender.commit()

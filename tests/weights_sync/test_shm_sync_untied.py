@@ -30,7 +30,7 @@ def ckpts(tmp_path_factory):
 def server(ckpts, tmp_path_factory, no_leaked_segments):
     srv = start_server(ckpts["A"], tmp_path_factory.mktemp("logs") / "server_untied.log")
     yield srv
-    srv.stop(grace_s=5)
+    srv.stop(timeout_s=5)
 
 
 def test_untied_sync_matches_trainer(server, ckpts):

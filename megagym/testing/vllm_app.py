@@ -1,35 +1,40 @@
-"""A minimal vLLM HTTP server with the weight-sync router mounted, for tests and `bench/refit.py`.
+"""A minimal vLLM HTTP app with the weight-sync router mounted: test-only (weight-sync tests, `bench/refit.py`).
 
-It stands in for the real policy server (`megagym/server/`, owned elsewhere) so that weight sync
-can be tested end to end over HTTP: the engine is an `AsyncLLM` created in the app lifespan with
+It stands in for the real policy server (`megagym/server/`) so that weight sync can be tested end
+to end over HTTP: the engine is an `AsyncLLM` created in the app lifespan with
 `engine_kwargs(backend)`, kept at `app.state.engine`, with `app.state.weight_version`, exactly the
-contract `routes` documents. Two extra routes, for measuring only:
+contract `megagym.weights.sync.routes` documents. Extra routes, for measuring only:
+- `GET  /health`        -> `{"ok": true, "generate_requests": N}` (requests received so far);
 - `POST /demo/score`    `{"prompts": [[ids], ...]}` -> per-prompt `prompt_logprobs` of every
   token after the first (teacher forcing, the quantity a trainer computes);
-- `POST /demo/generate` `{"prompt": [ids], "max_tokens": n}` -> greedy `token_ids`, sampled
-  `logprobs`, `weight_versions` ([version, start, end] spans), `t_start`/`t_end` (time.time()).
+- `POST /demo/generate` `{"prompt": [ids], "max_tokens": n, "hold_file": path?}` -> greedy
+  `token_ids`, sampled `logprobs`, `weight_versions` ([version, start, end] spans),
+  `t_start`/`t_end` (time.time()).
+`hold_file` holds a request in flight without relying on how long it takes: while that file
+exists, `vllm_hold.HoldWhileFileExists` (a vLLM logits processor in the engine) blocks the engine's step
+before the request's first token and writes `<hold_file>.held`; deleting the file lets it go on.
 
-Run: `python -m megagym.weights.sync.demo_server --model DIR --port 8123 [--backend shm]
-[--dtype bfloat16 --load-format dummy]`.
-Must not: grow into a second policy server (no OpenAI routes, no token-ID fix).
+Run: `python -m megagym.testing.vllm_app --model DIR --port 8123 [--backend shm]
+[--dtype bfloat16 --load-format dummy]`; `VLLMTestServer` starts it like a `megagym serve`.
+Must not: grow into a second policy server (no OpenAI routes, no token-ID fix); be used by a run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import Body, FastAPI, Request
 
+from megagym.server.process import ServerProcess
+
+HOLD_PROCESSOR = "megagym.testing.vllm_hold:HoldWhileFileExists"  # loaded in the engine process
 
 def build_app(model: str, backend: str = "shm", max_model_len: int = 512, dtype: str = "float32",
               load_format: str = "auto", gpu_memory_utilization: float | None = None) -> FastAPI:
@@ -42,6 +47,7 @@ def build_app(model: str, backend: str = "shm", max_model_len: int = 512, dtype:
 
         args = AsyncEngineArgs(model=model, dtype=dtype, enforce_eager=True, max_model_len=max_model_len,
                                max_num_seqs=16, load_format=load_format, **engine_kwargs(backend),
+                               logits_processors=[HOLD_PROCESSOR],
                                **({"gpu_memory_utilization": gpu_memory_utilization}
                                   if gpu_memory_utilization is not None else {}))
         app.state.engine = AsyncLLM.from_engine_args(args)
@@ -55,10 +61,11 @@ def build_app(model: str, backend: str = "shm", max_model_len: int = 512, dtype:
 
     app = FastAPI(lifespan=lifespan)
     app.include_router(router)
+    app.state.generate_requests = 0
 
-    @app.get("/demo/ready")
-    async def ready():
-        return {"ok": True}
+    @app.get("/health")
+    async def health(request: Request):
+        return {"ok": True, "generate_requests": request.app.state.generate_requests}
 
     @app.post("/demo/score")
     async def score(request: Request, prompts: list[list[int]] = Body(..., embed=True)):
@@ -81,13 +88,15 @@ def build_app(model: str, backend: str = "shm", max_model_len: int = 512, dtype:
 
     @app.post("/demo/generate")
     async def generate(request: Request, prompt: list[int] = Body(..., embed=True),
-                       max_tokens: int = Body(16, embed=True)):
+                       max_tokens: int = Body(16, embed=True), hold_file: str | None = Body(None, embed=True)):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        request.app.state.generate_requests += 1
         engine = request.app.state.engine
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=0, ignore_eos=True,
-                                output_kind=RequestOutputKind.FINAL_ONLY)
+                                output_kind=RequestOutputKind.FINAL_ONLY,
+                                extra_args={"hold_file": hold_file} if hold_file else None)
         t_start = time.time()
         final = None
         async for out in engine.generate({"prompt_token_ids": prompt}, params, uuid.uuid4().hex):
@@ -105,56 +114,21 @@ def build_app(model: str, backend: str = "shm", max_model_len: int = 512, dtype:
     return app
 
 
-class DemoServerProcess:
-    """Runs this server in its own process group (engine children included) and talks to it."""
+@dataclass
+class VLLMTestServer(ServerProcess):
+    """This app in its own process group (engine children included), started and stopped like a
+    `megagym serve` (`ServerProcess`: a free port, /health, SIGTERM then the group), and talked to."""
 
-    def __init__(self, model: str | Path, log_path: str | Path, *, backend: str = "shm",
-                 extra_args: list[str] | None = None, env: dict | None = None):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(log_path)
-        self._log = open(self.log_path, "w")
-        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "megagym.weights.sync.demo_server", "--model", str(model),
-             "--port", str(self.port), "--backend", backend, *(extra_args or [])],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )
+    backend: str = "shm"
+    extra_args: list[str] = field(default_factory=list)
 
-    def wait_ready(self, timeout_s: float = 300.0) -> DemoServerProcess:
-        import requests
+    @property
+    def url(self) -> str:
+        return self.base_url
 
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"demo server exited ({self.proc.returncode}):\n{self.tail()}")
-            try:
-                if requests.get(self.url + "/demo/ready", timeout=2).ok:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"demo server not ready in {timeout_s} s:\n{self.tail()}")
-
-    def tail(self, n: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-    def stop(self, grace_s: float = 12.0) -> None:
-        """SIGINT (uvicorn runs the lifespan: engine shutdown), then SIGKILL whatever is left."""
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(10)
-        self._log.close()
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "megagym.testing.vllm_app", "--model", str(self.model_path),
+                "--port", str(self.port), "--backend", self.backend, *self.extra_args]
 
     def score(self, prompts: list[list[int]]) -> list[list[float]]:
         import requests
@@ -170,9 +144,17 @@ class DemoServerProcess:
         r.raise_for_status()
         return r.json()
 
+    def generate_requests(self) -> int:
+        """How many /demo/generate requests the app has received so far."""
+        import requests
+
+        return requests.get(self.url + "/health", timeout=30).json()["generate_requests"]
+
 
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
+
+    from megagym.server.engine import set_cpu_kv_cache
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
@@ -182,8 +164,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--load-format", default="auto", help="'dummy': random weights, config.json only")
     p.add_argument("--gpu-memory-utilization", type=float, default=None, help="GPU only")
+    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="CPU KV cache (ServerConfig.kv_cache_gib)")
     a = p.parse_args(argv)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    set_cpu_kv_cache(a.kv_cache_gib)
     uvicorn.run(build_app(a.model, a.backend, a.max_model_len, a.dtype, a.load_format,
                           a.gpu_memory_utilization), host="127.0.0.1", port=a.port, log_level="warning")
 
