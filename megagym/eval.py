@@ -2,10 +2,10 @@
 
 Owns: evaluating one model on a run configuration's validation rows — convert a megagym checkpoint
 to an HF folder if needed (in a child process, `megagym convert`), start `servers.count` policy
-servers on this machine (or use `servers.urls`), start Gym, run `train.val_n` samples per validation
-prompt with the validation sampling settings, and write one JSON result (reward mean, pass@1
-averaged over all samples of all prompts — failed rollouts count as unsolved — per environment
-too). `eval-merge` tabulates many results (Markdown + CSV) and plots score against step (PNG).
+servers on this machine (or use `servers.urls`), start Gym, run `val.n` samples per validation
+prompt with the validation sampling settings, and write one JSON result scored by
+`megagym.rollout.validation` (reward mean, pass@1 and pass@n — failed rollouts count as unsolved —
+and the failure count, per environment too). `eval-merge` tabulates many results (Markdown + CSV) and plots score against step (PNG).
 Everything it started is stopped on the way out. Must not: train, or change a checkpoint.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
+import asyncio
 import json
 import os
 import shutil
@@ -56,31 +56,10 @@ def _free_master_port() -> dict:
     return {"MASTER_PORT": str(free_port())}
 
 
-def score(groups, val_n: int, threshold: float) -> dict:
-    """Reward mean over finished samples; pass@1 = solved / (prompts x val_n), per env and overall."""
-    per_env: dict[str, dict] = {}
-    for g in groups:
-        e = per_env.setdefault(g.env or "unknown", {"prompts": 0, "rewards": [], "solved": 0, "failed": 0})
-        e["prompts"] += 1
-        e["rewards"] += [s.reward for s in g.samples]
-        e["solved"] += sum(s.reward >= threshold for s in g.samples)
-        e["failed"] += val_n - len(g.samples)
-
-    def summary(parts: list[dict]) -> dict:
-        rewards = [r for p in parts for r in p["rewards"]]
-        prompts = sum(p["prompts"] for p in parts)
-        return {"prompts": prompts, "samples": len(rewards), "failed_rollouts": sum(p["failed"] for p in parts),
-                "reward_mean": sum(rewards) / len(rewards) if rewards else 0.0,
-                "pass@1": sum(p["solved"] for p in parts) / (prompts * val_n) if prompts else 0.0}
-
-    out = summary(list(per_env.values()))
-    out["environments"] = {name: summary([e]) for name, e in sorted(per_env.items())}
-    return out
-
-
 def evaluate(cfg, checkpoint: Path, out: Path, work_dir: Path | None = None, keep_hf: bool = False) -> dict:
     from megagym.gym.process import GymStack
     from megagym.launch.servers import policy_servers
+    from megagym.rollout import validation
     from megagym.rollout.manager import RolloutManager, load_env_rows
 
     t0 = time.monotonic()
@@ -89,24 +68,23 @@ def evaluate(cfg, checkpoint: Path, out: Path, work_dir: Path | None = None, kee
     log_dir.mkdir(parents=True, exist_ok=True)
     hf, step, temporary = resolve_model(checkpoint, work_dir)
     cfg.model.hf_path = str(hf)
-    rows = load_env_rows(cfg.env, "validation", limit=cfg.train.val_limit)
-    t = cfg.train
-    val = dataclasses.replace(cfg.rollout, n=t.val_n, temperature=t.val_temperature, top_p=t.val_top_p,
-                              progress=False)
+    rows = load_env_rows(cfg.env, "validation", limit=cfg.val.limit)
+    v = cfg.val
     try:
         with policy_servers(cfg, str(hf), log_dir, "megagym eval") as urls:
             with GymStack.start(cfg.env, policy_base_urls=[u.rstrip("/") + "/v1" for u in urls],
                                 run_dir=log_dir / "gym") as stack:
-                manager = RolloutManager(val, stack, success_threshold=t.val_success_threshold)
-                print(f"megagym eval: {len(rows)} prompts x {t.val_n} samples", flush=True)
-                groups = manager.collect(rows)
+                manager = RolloutManager(validation.rollout_config(cfg.rollout, v, progress=False), stack,
+                                         success_threshold=v.success_threshold)
+                print(f"megagym eval: {len(rows)} prompts x {v.n} samples", flush=True)
+                groups = asyncio.run(validation.run(manager, rows))
     finally:
         if temporary and not keep_hf:
             shutil.rmtree(hf, ignore_errors=True)
     result = {"checkpoint": str(checkpoint), "step": step, "run": cfg.run.name,
-              "environments_run": list(cfg.env.environments), "val_n": t.val_n,
-              "val_temperature": t.val_temperature, "val_top_p": t.val_top_p,
-              "success_threshold": t.val_success_threshold, **score(groups, t.val_n, t.val_success_threshold),
+              "environments_run": list(cfg.env.environments), "val_n": v.n,
+              "val_temperature": v.temperature, "val_top_p": v.top_p,
+              "success_threshold": v.success_threshold, **validation.score(groups, v.n, v.success_threshold),
               "seconds": round(time.monotonic() - t0, 2)}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -124,19 +102,21 @@ def merge(results: list[Path], out_prefix: Path) -> list[Path]:
     """`<prefix>.md`, `<prefix>.csv` (one row per result, by step) and `<prefix>.png`."""
     recs = [json.loads(Path(r).read_text()) for r in results]
     recs.sort(key=lambda r: (r.get("step") is None, r.get("step") or 0, r.get("checkpoint", "")))
+    cols = COLUMNS + sorted({k for r in recs for k in r if k.startswith("pass@") and k not in COLUMNS},
+                            key=lambda k: int(k[5:]) if k[5:].isdigit() else 0)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     csv_path, md_path, png_path = (out_prefix.with_name(out_prefix.name + s) for s in (".csv", ".md", ".png"))
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(COLUMNS)
+        w.writerow(cols)
         for r in recs:
-            w.writerow([r.get(c, "") for c in COLUMNS])
+            w.writerow([r.get(c, "") for c in cols])
 
     def cell(v) -> str:
         return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
 
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(r.get(c)) for c in COLUMNS) + " |" for r in recs]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in recs]
     md_path.write_text("\n".join(lines) + "\n")
 
     import matplotlib
@@ -146,7 +126,7 @@ def merge(results: list[Path], out_prefix: Path) -> list[Path]:
 
     xs = [r["step"] if r.get("step") is not None else i for i, r in enumerate(recs)]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key in ("pass@1", "reward_mean"):
+    for key in [c for c in cols if c.startswith("pass@")] + ["reward_mean"]:
         ax.plot(xs, [r.get(key, 0.0) for r in recs], marker="o", label=key)
     ax.set_xlabel("step")
     ax.set_title(f"Validation ({recs[0].get('run', '')}, {recs[0].get('val_n', '?')} samples/prompt)" if recs else "")
@@ -163,7 +143,7 @@ def merge(results: list[Path], out_prefix: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="megagym eval", description="validation of one checkpoint (one JSON result)")
     p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides (e.g. train.val_n=32)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides (e.g. val.n=32)")
     p.add_argument("--checkpoint", required=True, help="a megagym checkpoint folder or an HF model folder")
     p.add_argument("--out", required=True, help="result JSON file")
     p.add_argument("--work-dir", help="conversion and logs (default: <out dir>/.eval-<name>)")

@@ -5,7 +5,7 @@ One step, as the code below reads:
     -> samples (+ dynamic sampling, overlong filtering) -> advantages
     -> train (Megatron-Core, loss over all valid tokens of the batch)
     -> weight sync into every policy server (buckets, version bump)
-    -> validation every `train.val_every` steps -> checkpoint every `checkpoint.every_steps`.
+    -> validation every `val.every` steps -> checkpoint every `checkpoint.every_steps`.
 In "one_step_off" mode the rollouts of step t+1 run while step t trains; they finish before the
 weights change, so every trajectory comes from one weight version, one step stale (truncated
 importance sampling against the generation logprobs corrects for it).
@@ -53,7 +53,7 @@ def train(cfg: RunConfig, resume: bool = False) -> None:
                 side.source.load_state_dict(extra["data"])
                 print(f"megagym train: resumed from {latest} at step {policy.step}", flush=True)
             _sync(policy, side)  # the servers start from the HF weights: give them the trained ones
-        elif rank0 and cfg.train.val_before_training:
+        elif rank0 and cfg.val.before_training:
             side.log(policy.step, side.with_gym("validation", side.source.validate))
 
         for step in range(policy.step, cfg.train.steps):
@@ -83,7 +83,7 @@ def train(cfg: RunConfig, resume: bool = False) -> None:
             elif rank0:  # every rank skips alike: they all received the same count
                 print(f"megagym train: step {step}: no trainable samples, weights unchanged", flush=True)
             done = step + 1
-            if rank0 and (done == cfg.train.steps or (cfg.train.val_every and done % cfg.train.val_every == 0)):
+            if rank0 and (done == cfg.train.steps or (cfg.val.every and done % cfg.val.every == 0)):
                 side.source.wait_prefetch()
                 metrics.update(side.with_gym("validation", side.source.validate))  # incl. time/validation
             if cfg.checkpoint.every_steps and (done % cfg.checkpoint.every_steps == 0 or done == cfg.train.steps):

@@ -13,15 +13,15 @@
 #               sbatch --dependency=afterany:ARRAY_ID --export=ALL,MEGAGYM_EVAL_MERGE=1 slurm/eval_array.sh
 #
 # Array task i evaluates line i+1 of MEGAGYM_CHECKPOINTS with `megagym eval` (converts a megagym
-# checkpoint to HF, starts the config's policy server(s) and Gym on its node, samples train.val_n
+# checkpoint to HF, starts the config's policy server(s) and Gym on its node, samples val.n
 # answers per validation prompt) and writes $MEGAGYM_EVAL_DIR/result_<i>.json; logs of its servers
 # and Gym under $MEGAGYM_EVAL_DIR/work_<i>/logs. The merge job writes summary.{md,csv,png}.
-# Benchmarks: AIME24 pass@1 over 32 samples = MEGAGYM_CONFIG=configs/dapo17k_qwen3_4b.yaml (val_n 32);
+# Benchmarks: AIME24 pass@1 over 32 samples = MEGAGYM_CONFIG=configs/dapo17k_qwen3_4b.yaml (val.n 32);
 # workplace assistant validation = MEGAGYM_CONFIG=configs/workplace_assistant_qwen3_4b.yaml.
 #
 # Variables (defaults in brackets); MEGAGYM_REPO, MEGAGYM_VENV, MEGAGYM_CONTAINER_* as in slurm/common.sh:
 #   MEGAGYM_CONFIG       run YAML whose env/validation/sampling settings are used [required]
-#   MEGAGYM_OVERRIDES    key=value overrides, whitespace-separated (e.g. "train.val_n=32 servers.count=8")
+#   MEGAGYM_OVERRIDES    key=value overrides, whitespace-separated (e.g. "val.n=32 servers.count=8")
 #   MEGAGYM_EVAL_DIR     results folder [eval/<config name>]
 #   MEGAGYM_CHECKPOINTS  file with one checkpoint folder per line [$MEGAGYM_EVAL_DIR/checkpoints.txt]
 #   MEGAGYM_EVAL_MERGE   1: this job is the merge step

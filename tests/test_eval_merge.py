@@ -9,7 +9,8 @@ import pytest
 
 from megagym.cluster import main as cluster_main
 from megagym.launch.servers import gpu_slice
-from megagym.eval import merge, merge_main, score
+from megagym.eval import merge, merge_main
+from megagym.rollout.validation import flat_metrics, score
 from megagym.types import RolloutGroup, Sample
 
 
@@ -26,6 +27,20 @@ def test_score_counts_failed_rollouts_as_unsolved():
     assert out["pass@1"] == pytest.approx(3 / 8)
     assert out["reward_mean"] == pytest.approx(3 / 6)
     assert out["environments"]["math"]["pass@1"] == pytest.approx(3 / 8)
+
+
+def test_pass_at_n_counts_a_prompt_solved_by_any_sample_and_failures_as_unsolved():
+    groups = [_group("math", [0.0, 1.0, 0.0, 0.0]), _group("math", [0.0], row=1),  # 3 failed, none solved
+              _group("code", [], row=2), _group("code", [1.0, 1.0, 1.0, 1.0], row=3)]  # 4 failed | all solved
+    out = score(groups, val_n=4, threshold=1.0)
+    assert out["pass@4"] == pytest.approx(2 / 4) and out["failed_rollouts"] == 7
+    assert out["environments"]["math"]["pass@4"] == pytest.approx(1 / 2)
+    assert out["environments"]["code"]["pass@4"] == pytest.approx(1 / 2)
+    assert out["environments"]["code"]["pass@1"] == pytest.approx(4 / 8)
+    flat = flat_metrics(out)
+    assert flat["val/pass@4"] == pytest.approx(0.5) and flat["val/pass@1"] == pytest.approx(5 / 16)
+    assert flat["val/failed_rollouts"] == 7 and flat["val/code/failed_rollouts"] == 4
+    assert flat["val/math/pass@4"] == pytest.approx(0.5) and flat["val/prompts"] == 4
 
 
 def test_merge_writes_table_csv_and_plot(tmp_path):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from megagym.gym.config import GymConfig
-from megagym.rollout.config import RolloutConfig
+from megagym.rollout.config import RolloutConfig, ValConfig
 from megagym.trainer.config import CheckpointConfig, GRPOConfig, ModelConfig, OptimConfig, ParallelConfig
 
 
@@ -45,21 +45,14 @@ class TrainSection:
     max_refill_rounds: int = 2
     overlong_filter: bool = False
     gym_restarts: int = 2
-    val_every: int = 0  # 0: validate only before the first and after the last step
-    val_before_training: bool = True
-    val_limit: Optional[int] = None  # validation rows per environment (None: all)
-    val_n: int = 1  # samples per validation prompt (pass@1 is averaged over them)
-    val_temperature: float = 1.0
-    val_top_p: float = 1.0
-    val_success_threshold: float = 1.0  # a validation sample with reward >= this counts as solved
     tensorboard: bool = True
     wandb_project: Optional[str] = None
 
     def validate(self) -> None:
         if self.steps < 0 or self.prompts_per_step < 1:
             raise ValueError("steps must be >= 0 and prompts_per_step >= 1")
-        if self.val_every < 0 or self.val_n < 1 or self.max_refill_rounds < 0 or self.gym_restarts < 0:
-            raise ValueError("val_every >= 0, val_n >= 1, max_refill_rounds >= 0 and gym_restarts >= 0 are required")
+        if self.max_refill_rounds < 0 or self.gym_restarts < 0:
+            raise ValueError("max_refill_rounds >= 0 and gym_restarts >= 0 are required")
 
 
 @dataclass
@@ -98,6 +91,7 @@ class RunConfig:
     env: GymConfig = field(default_factory=GymConfig)  # the Gym environments and how Gym is launched
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     train: TrainSection = field(default_factory=TrainSection)
+    val: ValConfig = field(default_factory=ValConfig)  # validation: when, how many, which sampling
     servers: ServersSection = field(default_factory=ServersSection)
 
     def validate(self) -> None:

@@ -29,8 +29,8 @@ def server_overrides(cfg) -> list[str]:
         "logprobs_mode": "processed_logprobs",
         "train_sampling.temperature": cfg.rollout.temperature,
         "train_sampling.top_p": cfg.rollout.top_p,
-        "validation_sampling.temperature": cfg.train.val_temperature,
-        "validation_sampling.top_p": cfg.train.val_top_p,
+        "validation_sampling.temperature": cfg.val.temperature,
+        "validation_sampling.top_p": cfg.val.top_p,
         "seed": cfg.run.seed,
     }
     settings.update(_flatten(cfg.servers.settings))

@@ -14,7 +14,7 @@ from megagym.metrics.writer import read_metrics
 
 PANELS = {
     "reward.png": ("Training reward", ["rollout/reward_mean"]),
-    "validation.png": ("Validation", ["val/reward_mean", "val/pass@1"]),
+    "validation.png": ("Validation", ["val/reward_mean", "val/pass@1", "val/pass@*"]),  # * : every pass@k
     "gen_kl.png": ("Train/generation mismatch", ["train/gen_k3", "train/gen_abs_diff"]),
 }
 TIME_KEYS = ["time/generation", "time/training", "time/sync", "time/validation", "time/checkpoint", "time/idle"]
@@ -27,6 +27,18 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
             xs.append(r["step"])
             ys.append(float(r[key]))
     return xs, ys
+
+
+def _expand(keys: list[str], records: list[dict]) -> list[str]:
+    """`prefix*` stands for every top-level key of the records that starts with `prefix` (not listed already)."""
+    out = []
+    for key in keys:
+        if key.endswith("*"):
+            found = {k for r in records for k in r if k.startswith(key[:-1]) and "/" not in k[len(key) - 1:]}
+            out += sorted(found - set(keys))
+        else:
+            out.append(key)
+    return out
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
@@ -42,7 +54,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     for filename, (title, keys) in PANELS.items():
         fig, ax = plt.subplots(figsize=(6, 3.5))
         drawn = False
-        for key in keys:
+        for key in _expand(keys, records):
             xs, ys = _series(records, key)
             if xs:
                 ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, label=key)

@@ -3,7 +3,7 @@
 Owns (rank 0 only): the resumable prompt cursor over the training rows, one step's collection of
 groups (with DAPO-style dynamic sampling: groups whose rewards are all equal carry no signal and
 are replaced by new prompts, a bounded number of times), prefetching the next batch in a
-background thread for the one-step-off mode, and validation rollouts (mean reward, pass@1).
+background thread for the one-step-off mode, and validation rollouts (scored by `validation.py`).
 Must not: touch the model or weights; the loop decides when weights change, and it must wait
 for a prefetch to finish before it changes them (no trajectory may span two weight versions).
 
@@ -16,12 +16,12 @@ calls `rebind(new_stack)` and asks again, so the same prompts are redone.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from megagym.data.dataset import PromptCursor
+from megagym.rollout import validation
 from megagym.rollout.manager import RolloutManager, load_env_rows
 from megagym.types import RolloutGroup
 
@@ -50,7 +50,7 @@ class BatchSource:
         self.cursor = PromptCursor(len(self.rows), seed=cfg.run.seed)
         self.rebind(stack)
         try:
-            self.val_rows = load_env_rows(cfg.env, "validation", limit=cfg.train.val_limit)
+            self.val_rows = load_env_rows(cfg.env, "validation", limit=cfg.val.limit)
         except ValueError:
             self.val_rows = []
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="megagym-rollouts")
@@ -61,9 +61,8 @@ class BatchSource:
         cfg = self.cfg
         self.stack = stack
         self.manager = RolloutManager(cfg.rollout, stack)
-        val = dataclasses.replace(cfg.rollout, n=cfg.train.val_n, temperature=cfg.train.val_temperature,
-                                  top_p=cfg.train.val_top_p)
-        self.val_manager = RolloutManager(val, stack, success_threshold=cfg.train.val_success_threshold)
+        self.val_manager = RolloutManager(validation.rollout_config(cfg.rollout, cfg.val), stack,
+                                          success_threshold=cfg.val.success_threshold)
 
     # ------------------------------------------------------------------ training batches
     def _collect(self) -> Batch:
@@ -133,22 +132,13 @@ class BatchSource:
             return {}
         self._check_gym()
         t0 = time.monotonic()
-        groups = asyncio.run(self._gather_val())
+        groups = asyncio.run(validation.run(self.val_manager, self.val_rows))
         if any(g.failures for g in groups):
             self._check_gym()
-        rewards = [s.reward for g in groups for s in g.samples]
-        thr = self.cfg.train.val_success_threshold
         out = {f"val/{k.split('/', 1)[1]}": v for k, v in self.val_manager.metrics.summary().items()}
-        if rewards:
-            out["val/reward_mean"] = sum(rewards) / len(rewards)
-            out["val/pass@1"] = sum(r >= thr for r in rewards) / len(rewards)
-        out["val/prompts"] = len(self.val_rows)
+        out.update(validation.flat_metrics(validation.score(groups, self.cfg.val.n, self.cfg.val.success_threshold)))
         out["time/validation"] = time.monotonic() - t0
         return out
-
-    async def _gather_val(self) -> list[RolloutGroup]:
-        idx = list(range(len(self.val_rows)))
-        return [g async for g in self.val_manager.generate(self.val_rows, idx)]
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:

@@ -41,7 +41,7 @@ def _train(run_dir: Path, *overrides: str, resume: bool = False, nproc: int = 1,
 def _small(steps: int, *more: str) -> list[str]:
     """Overrides of a short run: 4 prompts x 4 rollouts a step, 2 validation prompts at the end."""
     return [f"train.steps={steps}", f"optim.total_steps={steps}", "train.prompts_per_step=4", "rollout.n=4",
-            "train.val_before_training=false", "train.val_limit=2", "train.val_n=1", *more]
+            "val.before_training=false", "val.limit=2", "val.n=1", *more]
 
 
 def _seeded_rows(overrides: list[str], steps: int) -> dict[int, list[int]]:

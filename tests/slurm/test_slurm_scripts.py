@@ -27,8 +27,8 @@ from tests.slurm.local_cluster import LocalSlurm
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["train.steps=4", "train.prompts_per_step=4", "rollout.n=4", "rollout.max_output_tokens=8",
-        "checkpoint.every_steps=2", "checkpoint.keep_last=3", "train.val_before_training=false",
-        "train.val_limit=2", "train.val_n=2", "optim.total_steps=4"]
+        "checkpoint.every_steps=2", "checkpoint.keep_last=3", "val.before_training=false",
+        "val.limit=2", "val.n=2", "optim.total_steps=4"]
 
 
 def _run(cmd: list[str], env: dict, timeout: float = 120) -> str:
@@ -143,7 +143,7 @@ def test_convert_hf_with_sbatch_wait(trained):
 def test_eval_array_and_merge(trained):
     ev = trained["base"] / "eval"
     env = dict(trained["env"], MEGAGYM_EVAL_DIR=str(ev), MEGAGYM_ARRAY_LIMIT="1",
-               MEGAGYM_OVERRIDES="train.val_limit=2 train.val_n=2 rollout.max_output_tokens=8")
+               MEGAGYM_OVERRIDES="val.limit=2 val.n=2 rollout.max_output_tokens=8")
     env.pop("SLURM_JOB_ID", None)
     ck = trained["run"] / "checkpoints"  # the preempted start may have left a third checkpoint
     out = _run(["bash", "slurm/eval_array.sh", str(ck / "step_00000002"), str(ck / "step_00000004")], env)
