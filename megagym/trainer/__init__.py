@@ -1,4 +1,5 @@
-"""The Megatron-Core trainer: the only package that imports megatron.core.
+"""The Megatron-Core trainer: with the families' layer specs (megagym/models/<family>/spec.py), the
+only code that imports megatron.core.
 
 `megagym.trainer.policy.Policy` is the API the GRPO loop uses; see that module's docstring.
 Importing this package itself is cheap (no torch / megatron): submodules are imported on demand.

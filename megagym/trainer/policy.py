@@ -37,13 +37,11 @@ import torch
 import torch.distributed as dist
 
 from megagym.trainer import logprobs as lp_mod
-from megagym.trainer.loss import grpo_token_loss, k3
-from megagym.trainer.model import HFArch, build_gpt_model, padded_vocab_size
+from megagym.trainer.loss import StepSums, grpo_loss_fn
+from megagym.models import HFArch, read_arch
+from megagym.trainer.model import build_gpt_model, padded_vocab_size
 from megagym.trainer.parallel import broadcast_object, init_distributed
-from megagym.trainer.step import (build_micro_batch, empty_micro_batch, plan_micro_batches, run_schedule,
-                                  split_over_dp, to_device)
-
-_METRICS = ("loss_sum", "tokens", "clipped", "entropy", "gen_abs_diff", "gen_k3", "is_weight", "kl")
+from megagym.trainer.step import build_micro_batch, empty_micro_batch, plan_micro_batches, run_schedule, split_over_dp
 
 
 def _ps():
@@ -78,7 +76,7 @@ class Policy:
         init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.parallel.backend,
                          cfg.parallel.timeout_minutes, seed=cfg.run.seed)
         dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-        arch = HFArch.from_dir(cfg.model.hf_path)
+        arch = read_arch(cfg.model.hf_path)
         padded = padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by,
                                    cfg.parallel.tensor_parallel)
         gpt = build_gpt_model(arch, dtype, cfg.model.layer_spec, cfg.model.make_vocab_size_divisible_by)
@@ -175,26 +173,8 @@ class Policy:
         mbs = self._my_micro_batches(token_ids, [s.loss_mask for s in samples], per_token,
                                      {"adv": [s.advantage for s in samples]})
         device = self._device()
-        sums = torch.zeros(len(_METRICS), dtype=torch.float64)
-        reports = self._reports()
-        T, V = g.temperature, self.arch.vocab_size
-
-        def loss_fn(logits, mb):
-            mb = to_device(mb, device)
-            logp, ent = lp_mod.token_logprobs_and_entropy(logits, mb.targets, T, V)
-            old = mb.extras["old"] if "old" in mb.extras else logp.detach()
-            tl = grpo_token_loss(logp, old, mb.extras["gen"], mb.extras["adv"], g.clip_low, g.clip_high,
-                                 g.tis_threshold, g.kl_coef, mb.extras.get("ref"))
-            m = mb.mask
-            loss_sum = (tl.loss * m).sum()
-            if reports:
-                with torch.no_grad():
-                    kl = (k3(mb.extras["ref"], logp) * m).sum() if "ref" in mb.extras else m.new_zeros(())
-                    vals = [loss_sum, m.sum(), tl.clipped * m, ent * m, tl.gen_abs_diff * m, tl.gen_k3 * m,
-                            tl.is_weight * m, kl]
-                    sums.add_(torch.stack([v.detach().sum().double().cpu() for v in vals]))
-            return loss_sum, m.sum().int()
-
+        sums = StepSums()
+        loss_fn = grpo_loss_fn(g, self.arch.vocab_size, device, sums if self._reports() else None)
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -203,15 +183,10 @@ class Policy:
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         self.step += 1
-        sums = sums.to(device)  # NCCL reduces device tensors only
-        dist.all_reduce(sums)  # only reporting ranks hold non-zero sums
-        sums = sums.cpu()
-        tok = max(float(sums[1]), 1.0)
-        metrics = {name: float(sums[i]) / tok for i, name in enumerate(_METRICS) if name not in ("loss_sum", "tokens")}
+        total = sums.as_tensor().to(device)  # NCCL reduces device tensors only
+        dist.all_reduce(total)  # only reporting ranks hold non-zero sums
+        metrics = StepSums.from_tensor(total).means()
         metrics.update(
-            loss=float(sums[0]) / tok,
-            tokens=float(sums[1]),
-            clip_fraction=metrics.pop("clipped"),
             grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
             lr=lr,
             step=float(self.step),

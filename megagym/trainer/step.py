@@ -3,7 +3,7 @@
 Owns: splitting a global batch over data-parallel ranks (balanced by tokens), cutting each
 rank's share into micro-batches by a token budget, running `get_forward_backward_func()` (no
 pipelining or 1F1B, chosen by Megatron from the parallel state) with a loss function or a
-collector on the last pipeline stage, and the GRPO loss function with its metric sums.
+collector on the last pipeline stage (the GRPO loss function is `loss.grpo_loss_fn`).
 
 Padding, not packing: each micro-batch holds whole samples right-padded to its own longest
 sample, and rows are sorted by length so neighbours pad little. Packing several samples into one

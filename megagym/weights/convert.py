@@ -56,7 +56,8 @@ def convert_to_hf(ckpt: str | Path, out: str | Path, shard_bytes: int = SHARD_BY
     from megatron.core import dist_checkpointing
 
     from megagym.trainer.checkpoint import read_state
-    from megagym.trainer.model import HFArch, build_gpt_model, padded_vocab_size
+    from megagym.models import read_arch
+    from megagym.trainer.model import build_gpt_model, padded_vocab_size
     from megagym.trainer.parallel import init_distributed
     from megagym.weights.export import iter_hf_tensors
 
@@ -69,7 +70,7 @@ def convert_to_hf(ckpt: str | Path, out: str | Path, shard_bytes: int = SHARD_BY
         raise RuntimeError("convert runs in one process (it reshards to TP=PP=1); do not launch it with torchrun")
     dtype = torch.bfloat16 if state["model"]["dtype"] == "bfloat16" else torch.float32
     divisible = state["model"]["make_vocab_size_divisible_by"]
-    arch = HFArch.from_dir(ckpt / "hf")
+    arch = read_arch(ckpt / "hf")
     model = build_gpt_model(arch, dtype, "local", divisible)
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt / "dist"))
     model.load_state_dict(loaded["model"])

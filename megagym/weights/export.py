@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from megagym.weights.families import family_module
+from megagym.models import family_of
 from megagym.weights.load import global_named_parameters, unwrap
 
 _PLAN_ATTR = "_megagym_export_plan"
@@ -43,7 +43,7 @@ def _groups():
 
 def _local_plan(model, arch, padded_vocab, tp_size) -> list[tuple[str, tuple, torch.dtype]]:
     """(hf_name, shape, dtype) of every HF tensor this stage exports, in export order (via meta tensors)."""
-    fam = family_module(arch.family)
+    fam = family_of(arch).weights
     out = []
     for name, p in global_named_parameters(model):
         if not fam.exported(name, arch):
@@ -77,7 +77,7 @@ def _gather_tp(t: torch.Tensor, g) -> list[torch.Tensor]:
 
 def iter_hf_tensors(model, arch, padded_vocab: int) -> Iterator[tuple[str, torch.Tensor]]:
     """Full HF-named tensors of the whole model on global rank 0 (collective; see module doc)."""
-    fam = family_module(arch.family)
+    fam = family_of(arch).weights
     g = _groups()
     plans = _stage_plans(model, arch, padded_vocab, g)
     if g["dp_rank"] != 0:

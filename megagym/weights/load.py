@@ -14,7 +14,7 @@ from typing import Iterator
 
 import torch
 
-from megagym.weights.families import family_module
+from megagym.models import family_of
 
 _LOCAL_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
@@ -72,7 +72,7 @@ def load_hf_into_model(model, hf_path: str | Path, arch, padded_vocab: int) -> N
     """Copy the HF checkpoint at `hf_path` into this rank's shard of `model`, in place."""
     from megatron.core import parallel_state
 
-    fam = family_module(arch.family)
+    fam = family_of(arch).weights
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     reader = SafetensorsReader(hf_path)
