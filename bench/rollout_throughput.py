@@ -26,7 +26,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megagym.gym import GymConfig, GymStack  # noqa: E402
-from megagym.rollout import RolloutConfig, RolloutManager, load_env_rows  # noqa: E402
+from megagym.gym.rows import load_env_rows  # noqa: E402
+from megagym.rollout import RolloutConfig, RolloutManager  # noqa: E402
 
 
 async def direct(url: str, model: str, rows: list[dict], cfg: RolloutConfig, concurrency: int) -> float:

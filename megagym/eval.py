@@ -57,10 +57,11 @@ def _free_master_port() -> dict:
 
 
 def evaluate(cfg, checkpoint: Path, out: Path, work_dir: Path | None = None, keep_hf: bool = False) -> dict:
-    from megagym.gym.process import GymStack
+    from megagym.gym.stack import GymStack
     from megagym.launch.servers import policy_servers
     from megagym.rollout import validation
-    from megagym.rollout.manager import RolloutManager, load_env_rows
+    from megagym.gym.rows import load_env_rows
+    from megagym.rollout.manager import RolloutManager
 
     t0 = time.monotonic()
     work_dir = Path(work_dir or out.parent / f".eval-{out.stem}")

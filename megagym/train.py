@@ -149,7 +149,7 @@ class _Rank0Side:
         self.gym_restarts = 0
 
     def start(self) -> None:
-        from megagym.gym.process import GymStack
+        from megagym.gym.stack import GymStack
         from megagym.metrics import MetricsWriter
         from megagym.rollout.batches import BatchSource
         from megagym.weights.sync.sender import make_sender
@@ -171,7 +171,7 @@ class _Rank0Side:
         self.sender.init()
 
     def _start_gym(self):
-        from megagym.gym.process import GymStack
+        from megagym.gym.stack import GymStack
 
         print(f"megagym train: starting Gym ({', '.join(self.cfg.env.environments)})", flush=True)
         return GymStack.start(self.cfg.env, policy_base_urls=[u.rstrip("/") + "/v1" for u in self.cfg.servers.urls])

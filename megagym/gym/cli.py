@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     a.overrides = list(a.overrides) + extra
 
-    from megagym.gym.process import GymError, GymStack, stop_from_state
+    from megagym.gym.errors import GymError
+    from megagym.gym.stack import GymStack, stop_from_state
 
     try:
         env, run_dir = _load(a.config, a.overrides)

@@ -5,7 +5,8 @@ group with a run marker in its environment, waiting (bounded) for the head serve
 instance and naming what did not come up, discovering instances and agents from the head server
 (`/server_instances`, `/global_config_dict_yaml`), telling which Gym servers died, and stopping
 everything the stack started — Gym's servers and Ray's processes, which leave the process group —
-on `stop()`, on interpreter exit, on SIGTERM, or when start-up fails; then checking nothing is left.
+on `stop()`, on interpreter exit, on SIGTERM, or when start-up fails (through `kill.py`); then
+checking nothing is left; `stop_from_state` does the same for a stack another process started.
 Must not: import nemo_gym, or signal any process that does not carry this stack's run marker
 (or belong to the process group it created).
 """
@@ -27,14 +28,13 @@ from urllib.parse import urlparse
 import httpx
 import yaml
 
-from megagym.gym.compose import RUN_MARKER_ENV, LaunchPlan, compose
+from megagym.gym.compose import LaunchPlan, compose
 from megagym.gym.config import GymConfig, resolve_environments
+from megagym.gym.errors import GymError
+from megagym.gym.kill import children, has_live_child_or_self, kill_run, marker_pids, pid_alive
+from megagym.gym.model_name import model_name_of
 
 STATE_FILE = "gym_stack.json"
-
-
-class GymError(RuntimeError):
-    """Gym did not start, died, or could not be stopped; the message names what and where."""
 
 
 @dataclass
@@ -44,97 +44,6 @@ class ServerInstance:
     server: str  # the server folder, e.g. simple_agent
     url: str
     pid: int | None
-
-
-# ---------------------------------------------------------------- processes carrying a marker
-
-def marker_pids(run_id: str) -> list[int]:
-    """Live (non-zombie) processes whose environment carries MEGAGYM_GYM_RUN=<run_id>."""
-    needle = f"{RUN_MARKER_ENV}={run_id}".encode()
-    out = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        pid = int(entry.name)
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if needle not in f.read().split(b"\0"):
-                    continue
-            if _proc_state(pid) in ("Z", "X", None):
-                continue
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-        out.append(pid)
-    return out
-
-
-def _proc_state(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return None
-
-
-def pid_alive(pid: int | None) -> bool:
-    return pid is not None and _proc_state(pid) not in (None, "Z", "X")
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:160]
-    except FileNotFoundError:
-        return "?"
-
-
-def _signal_all(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def _wait_gone(run_id: str, timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
-    left = marker_pids(run_id)
-    while left and time.monotonic() < deadline:
-        time.sleep(0.2)
-        left = marker_pids(run_id)
-    return left
-
-
-def kill_run(run_id: str, pgid: int | None, main_pid: int | None, timeout: float,
-             wait_main=None) -> list[str]:
-    """SIGINT the group (Gym's own clean shutdown), then SIGTERM, then SIGKILL every marked process.
-
-    Returns descriptions of processes still alive at the end (empty when all are gone).
-    """
-    graceful = max(1.0, 0.6 * timeout)
-    if pgid is not None and pid_alive(main_pid):
-        try:
-            os.killpg(pgid, signal.SIGINT)
-        except ProcessLookupError:
-            pass
-        if wait_main is not None:
-            wait_main(graceful)
-        else:
-            deadline = time.monotonic() + graceful
-            while pid_alive(main_pid) and time.monotonic() < deadline:
-                time.sleep(0.2)
-    for sig, wait_s in ((signal.SIGTERM, max(1.0, 0.2 * timeout)), (signal.SIGKILL, 5.0)):
-        left = marker_pids(run_id)
-        if pgid is not None:
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                pass
-        if not left:
-            break
-        _signal_all(left, sig)
-        _wait_gone(run_id, wait_s)
-    return [f"pid {p}: {_cmdline(p)}" for p in marker_pids(run_id)]
 
 
 # ---------------------------------------------------------------------------------- the stack
@@ -323,14 +232,14 @@ class GymStack:
                 dead[inst.name] = f"process {inst.pid} exited"
             elif not _port_open(inst.url):
                 dead[inst.name] = f"nothing listens at {inst.url}"
-            elif inst.pid is not None and not _has_live_child_or_self(inst.pid):
+            elif inst.pid is not None and not has_live_child_or_self(inst.pid):
                 dead[inst.name] = f"process {inst.pid} has no live server"
         return dead
 
     def server_pid(self, name: str) -> int | None:
         """PID of the Python process serving instance `name` (Gym starts it under a bash wrapper)."""
         inst = self.instances[name]
-        kids = _children(inst.pid) if inst.pid else []
+        kids = children(inst.pid) if inst.pid else []
         return kids[0] if kids else inst.pid
 
     def pids(self) -> list[int]:
@@ -388,18 +297,6 @@ def stop_from_state(run_dir: str | Path, timeout: float = 20.0) -> list[str]:
     return left
 
 
-def model_name_of(base_url: str, timeout: float = 10.0, api_key: str = "") -> str:
-    """The first model id a policy server lists at GET {base_url}/models."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key and api_key != "dummy" else {}
-    try:
-        r = httpx.get(f"{base_url.rstrip('/')}/models", timeout=timeout, headers=headers)
-        r.raise_for_status()
-        return r.json()["data"][0]["id"]
-    except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
-        raise GymError(f"could not read the model name from {base_url}/models: {e!r}; "
-                       "set env.policy_model_name") from None
-
-
 def _answers(url: str, timeout: float = 2.0) -> bool:
     try:
         httpx.get(url, timeout=timeout)
@@ -415,19 +312,6 @@ def _port_open(url: str, timeout: float = 1.0) -> bool:
             return True
     except OSError:
         return False
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(x) for x in f.read().split()]
-    except FileNotFoundError:
-        return []
-
-
-def _has_live_child_or_self(pid: int) -> bool:
-    kids = _children(pid)
-    return pid_alive(pid) and (not kids or any(pid_alive(k) for k in kids))
 
 
 _sigterm_installed = False

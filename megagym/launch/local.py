@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from megagym.gym.process import STATE_FILE, stop_from_state
+from megagym.gym.stack import STATE_FILE, stop_from_state
 from megagym.launch.servers import policy_servers
 from megagym.server.process import free_port
 

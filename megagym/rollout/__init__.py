@@ -5,8 +5,8 @@ contiguity check), `metrics.py` keeps per-environment statistics and the progres
 """
 
 from megagym.rollout.config import RolloutConfig
-from megagym.rollout.manager import RolloutManager, load_env_rows, stamp_row
+from megagym.rollout.manager import RolloutManager, stamp_row
 from megagym.rollout.trajectory import ContiguityError, TrajectoryError, trajectory_to_sample
 
-__all__ = ["ContiguityError", "RolloutConfig", "RolloutManager", "TrajectoryError", "load_env_rows",
-           "stamp_row", "trajectory_to_sample"]
+__all__ = ["ContiguityError", "RolloutConfig", "RolloutManager", "TrajectoryError", "stamp_row",
+           "trajectory_to_sample"]

@@ -21,8 +21,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from megagym.data.dataset import PromptCursor
+from megagym.gym.rows import load_env_rows
 from megagym.rollout import validation
-from megagym.rollout.manager import RolloutManager, load_env_rows
+from megagym.rollout.manager import RolloutManager
 from megagym.types import RolloutGroup
 
 

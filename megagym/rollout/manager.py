@@ -1,7 +1,6 @@
 """The rollout manager: Gym rows in, finished `RolloutGroup`s out, in completion order.
 
-Owns: loading each environment's Gym JSONL rows (stamping `agent_ref` where a row has none),
-stamping the training sampling parameters and `max_output_tokens` into every row, sending `n`
+Owns: taking Gym rows (read by `megagym.gym.rows`), stamping the sampling parameters and `max_output_tokens` into every row, sending `n`
 rollouts per row (a group) to the row's agent `POST {agent}/run` under one concurrency bound,
 bounding every request in time, retrying transport errors, timeouts and HTTP 5xx with exponential
 back-off, failing fast when a Gym server the agent needs is dead, turning results into `Sample`s
@@ -26,38 +25,10 @@ from typing import AsyncIterator, Sequence
 
 import httpx
 
-from megagym.data.dataset import read_rows
-from megagym.gym.compose import gym_install_root
-from megagym.gym.config import GymConfig, resolve_environments, resolve_path
 from megagym.rollout.config import RolloutConfig
 from megagym.rollout.metrics import Progress, RolloutMetrics
 from megagym.rollout.trajectory import ContiguityError, TrajectoryError, trajectory_to_sample
 from megagym.types import RolloutGroup, Sample
-
-AGENT_TYPE = "responses_api_agents"
-
-
-def load_env_rows(cfg: GymConfig, split: str = "train", limit: int | None = None) -> list[dict]:
-    """Rows of every environment of the run, in environment order; each row names its agent."""
-    if split not in ("train", "validation"):
-        raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
-    specs = resolve_environments(cfg)
-    gym_root = None
-    rows: list[dict] = []
-    for name, spec in specs.items():
-        path = getattr(spec, f"{split}_data")
-        if not path:
-            continue
-        if path.startswith("gym:") and gym_root is None:
-            gym_root = gym_install_root(cfg.venv)
-        for row in read_rows(resolve_path(path, gym_root), limit=limit):
-            if not isinstance(row.get("agent_ref"), dict) or not row["agent_ref"].get("name"):
-                row["agent_ref"] = {"type": AGENT_TYPE, "name": spec.agent}
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"no {split} rows: none of {list(specs)} names {split}_data")
-    return rows
-
 
 def stamp_row(row: dict, cfg: RolloutConfig) -> dict:
     """A copy of `row` whose sampling parameters are the training ones."""
@@ -106,8 +77,8 @@ class RolloutManager:
         ref = row.get("agent_ref")
         name = ref.get("name") if isinstance(ref, dict) else None
         if not name:
-            raise ValueError(f"row {row_index} has no agent_ref.name (load rows with load_env_rows, "
-                             "which stamps each environment's agent)")
+            raise ValueError(f"row {row_index} has no agent_ref.name (load rows with "
+                             "megagym.gym.rows.load_env_rows, which stamps each environment's agent)")
         if name not in self.agents:
             raise ValueError(f"row {row_index} routes to agent '{name}', which this Gym stack does not "
                              f"run (agents: {', '.join(sorted(self.agents))})")

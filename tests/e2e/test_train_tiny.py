@@ -22,7 +22,7 @@ from megagym.config import load
 from megagym.config.schema import RunConfig
 from megagym.data.dataset import PromptCursor
 from megagym.metrics import read_metrics
-from megagym.rollout.manager import load_env_rows
+from megagym.gym.rows import load_env_rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.gym, pytest.mark.vllm]
 REPO = Path(__file__).resolve().parents[2]
@@ -100,7 +100,8 @@ def test_tensor_parallel_trainer_with_reference_model(tmp_path):
 
 def _resources_server_pids(run: Path) -> list[int]:
     """Python processes of the run's Gym stack serving megagym's lowercase_words resources server."""
-    from megagym.gym.process import STATE_FILE, marker_pids
+    from megagym.gym.kill import marker_pids
+    from megagym.gym.stack import STATE_FILE
 
     state = json.loads((run / "gym" / STATE_FILE).read_text())
     found = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from megagym.gym import GymConfig, GymStack
-from megagym.gym.process import marker_pids
+from megagym.gym.kill import marker_pids
 
 SESSION_ENVS = ["math_with_judge", "workplace_assistant", "lowercase_words", "example_multi_turn_gymnasium"]
 

@@ -26,8 +26,9 @@ from megagym.gym import GymStack
 from megagym.rollout.batches import BatchSource, GymDied
 from megagym.gym.cli import main as gym_cli
 from megagym.gym.compose import free_port
-from megagym.gym.process import marker_pids
-from megagym.rollout import RolloutConfig, RolloutManager, load_env_rows
+from megagym.gym.kill import marker_pids
+from megagym.gym.rows import load_env_rows
+from megagym.rollout import RolloutConfig, RolloutManager
 
 pytestmark = [pytest.mark.gym, pytest.mark.slow]
 
@@ -177,7 +178,7 @@ env:
 def test_start_timeout_names_what_is_missing_and_cleans_up(policy, tmp_path):
     from megagym.gym.compose import compose
     from megagym.gym.config import GymConfig
-    from megagym.gym.process import GymError
+    from megagym.gym.errors import GymError
 
     url, model = policy
     plan = compose(GymConfig(environments=["lowercase_words"]), [url], model, run_dir=tmp_path)

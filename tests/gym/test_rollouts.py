@@ -14,7 +14,8 @@ import re
 import pytest
 
 from megagym.gym.config import GymConfig
-from megagym.rollout import RolloutConfig, RolloutManager, load_env_rows
+from megagym.gym.rows import load_env_rows
+from megagym.rollout import RolloutConfig, RolloutManager
 
 pytestmark = [pytest.mark.gym, pytest.mark.slow]
 

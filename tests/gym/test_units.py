@@ -14,7 +14,8 @@ from megagym.config.schema import RunConfig
 from megagym.gym.compose import compose
 from megagym.gym.config import GymConfig, resolve_environments
 from megagym.rollout import ContiguityError, RolloutConfig, RolloutManager, TrajectoryError, trajectory_to_sample
-from megagym.rollout.manager import load_env_rows, stamp_row
+from megagym.gym.rows import load_env_rows
+from megagym.rollout.manager import stamp_row
 
 URLS = ["http://127.0.0.1:9/v1", "http://127.0.0.1:10/v1"]
 
