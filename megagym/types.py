@@ -18,6 +18,7 @@ class Sample:
     loss_mask     1 on tokens the policy generated, 0 elsewhere
     gen_logprobs  logprob the sampling policy gave each generated token (0.0 where loss_mask==0)
     turn_starts   index in token_ids where each model call's generation begins
+    (A rollout that failed yields no Sample: its reason is in `RolloutGroup.failures`.)
     """
 
     token_ids: list[int]
@@ -31,8 +32,6 @@ class Sample:
     mask_sample: bool = False
     weight_version: int = 0
     advantage: float = 0.0
-    failed: bool = False
-    failure_reason: str = ""
 
     def __post_init__(self) -> None:
         n = len(self.token_ids)
