@@ -18,6 +18,10 @@ class Sample:
     loss_mask     1 on tokens the policy generated, 0 elsewhere
     gen_logprobs  logprob the sampling policy gave each generated token (0.0 where loss_mask==0)
     turn_starts   index in token_ids where each model call's generation begins
+    row_index     the dataset row the prompt came from
+    group_index   the GRPO group within its training batch: samples with the same id share a
+                  baseline. A batch may hold one row twice (its prompts cross an epoch), so the
+                  batch numbers its groups (`rollout.batches`); until then it is the row index.
     (A rollout that failed yields no Sample: its reason is in `RolloutGroup.failures`.)
     """
 
@@ -26,6 +30,7 @@ class Sample:
     gen_logprobs: list[float]
     reward: float
     group_index: int = 0
+    row_index: int = 0
     env: str = ""
     turn_starts: list[int] = field(default_factory=list)
     truncated: bool = False
@@ -37,7 +42,7 @@ class Sample:
         n = len(self.token_ids)
         if len(self.loss_mask) != n or len(self.gen_logprobs) != n:
             raise ValueError(
-                f"sample of row {self.group_index}: token_ids ({n}), loss_mask "
+                f"sample of row {self.row_index}: token_ids ({n}), loss_mask "
                 f"({len(self.loss_mask)}) and gen_logprobs ({len(self.gen_logprobs)}) differ in length"
             )
 

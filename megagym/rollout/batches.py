@@ -97,6 +97,9 @@ class BatchSource:
             if not t.dynamic_sampling or len(groups) >= t.prompts_per_step or rounds >= t.max_refill_rounds:
                 break
             need, rounds = t.prompts_per_step - len(groups), rounds + 1
+        for group_id, g in enumerate(groups):  # one baseline per group, even for a row taken twice
+            for s in g.samples:
+                s.group_index = group_id
         metrics.update({"batch/groups": len(groups), "batch/dropped_equal_reward": dropped,
                         "batch/refill_rounds": rounds, "batch/failed_rollouts": failures})
         return Batch(groups, self.cursor.state_dict(), time.monotonic() - t0, metrics)

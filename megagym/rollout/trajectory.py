@@ -84,6 +84,7 @@ def trajectory_to_sample(result: dict, row_index: int, env: str = "", weight_ver
         gen_logprobs=logprobs,
         reward=float(reward),
         group_index=row_index,
+        row_index=row_index,
         env=env,
         turn_starts=turn_starts,
         truncated=inc.get("reason") == "max_output_tokens",

@@ -225,3 +225,54 @@ def test_cli_errors_name_their_cause(tmp_path, capsys):
     assert "env.policy_base_urls is empty" in capsys.readouterr().err
     assert main(["stop", str(cfg)]) == 2
     assert f"no running Gym stack recorded in {tmp_path}/run/gym/gym_stack.json" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- training batches
+
+class _NoDeadServersStack:
+    """Stands in for a running GymStack (agents and liveness only): requests go to a mock transport."""
+
+    agents = {"lowercase_words_simple_agent": "http://agent"}
+    agent_to_env = {"lowercase_words_simple_agent": "lowercase_words"}
+
+    def dead_servers(self):
+        return {}
+
+    def agent_dependencies(self, agent):
+        return [agent]
+
+
+def test_a_row_taken_twice_in_one_batch_gives_two_groups_with_their_own_baselines(tmp_path):
+    """3 rows, 4 prompts a step: the cursor crosses an epoch inside the batch, so one row is in it
+    twice. Each group keeps its own baseline (they used to share one: group id = row index)."""
+    import torch
+
+    from megagym.data.dataset import PromptCursor
+    from megagym.driver import Driver
+    from megagym.rollout.batches import BatchSource
+    from megagym.trainer.advantages import group_advantages
+
+    cfg = _cfg(tmp_path, "env: {environments: [lowercase_words]}\n",
+               ["train.prompts_per_step=4", "rollout.n=2", "rollout.progress=false", "grpo.normalize_std=false"])
+    rewards = iter([0.1 * k for k in range(1, 100)])  # every rollout its own reward
+
+    def handler(request: httpx.Request):
+        return httpx.Response(200, json=_ok_result(next(rewards)))
+
+    stack = _NoDeadServersStack()
+    source = BatchSource(cfg, stack)
+    source.rows = source.rows[:3]
+    source.cursor = PromptCursor(3, seed=cfg.run.seed)
+    source.manager = RolloutManager(cfg.rollout, stack, transport=httpx.MockTransport(handler))
+    try:
+        batch = source.next()
+    finally:
+        source.close()
+    rows = [g.row_index for g in batch.groups]
+    assert len(rows) == 4 and len(set(rows)) == 3  # one row twice: the batch crossed an epoch
+    samples = Driver(cfg, active=True).trainable(batch, {})
+    assert len({s.group_index for s in samples}) == 4
+    for g in batch.groups:
+        expect = group_advantages(torch.tensor(g.rewards), normalize_std=False).tolist()
+        assert [s.advantage for s in g.samples] == pytest.approx(expect, abs=1e-6)
+        assert {s.row_index for s in g.samples} == {g.row_index}
