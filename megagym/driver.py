@@ -125,6 +125,7 @@ class Driver:
                 pass
             return {}
         stats = self.sender.send(tensors, weight_version=version)
+        self.source.weight_version = stats.weight_version  # what the servers serve from now on
         return {"sync/seconds": stats.seconds, "sync/gb_per_s": stats.gb_per_s, "sync/buckets": stats.buckets,
                 "sync/weight_version": stats.weight_version}
 
@@ -187,6 +188,8 @@ class Driver:
                 self.source.rebind(self.stack)
 
     def _record_batch(self, step: int, batch: Batch) -> None:
-        """Which prompt rows each step trained on (`batches.jsonl`): resumes can be audited."""
+        """Which prompt rows each step trained on, and the weight versions that generated them
+        (`batches.jsonl`): resumes and staleness can be audited."""
         with open(self.run_dir / "batches.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, "rows": sorted(g.row_index for g in batch.groups)}) + "\n")
+            f.write(json.dumps({"step": step, "rows": sorted(g.row_index for g in batch.groups),
+                                "weight_versions": sorted({s.weight_version for s in batch.samples})}) + "\n")

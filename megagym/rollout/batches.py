@@ -7,6 +7,12 @@ background thread for the one-step-off mode, and validation rollouts (scored by 
 Must not: touch the model or weights; the loop decides when weights change, and it must wait
 for a prefetch to finish before it changes them (no trajectory may span two weight versions).
 
+Weight versions: Gym's model proxy does not pass the policy servers' `weight_version` through to
+the agent's answer, so the samples are stamped from `weight_version`, which the loop sets to the
+version the servers acknowledged after each sync. It is exact because the weights never change
+while a batch is being collected (the loop waits for a prefetch before it syncs): a batch is read
+at its start and every one of its samples carries it.
+
 A Gym server that has died makes every later rollout through it fail, so a batch never goes on
 without it: `next()` and `validate()` raise `GymDied` (checked before prompts are taken and after
 any round with failures) and leave the cursor where the batch began; the loop then restarts Gym,
@@ -54,6 +60,7 @@ class BatchSource:
             self.val_rows = load_env_rows(cfg.env, "validation", limit=cfg.val.limit)
         except ValueError:
             self.val_rows = []
+        self.weight_version = int(cfg.servers.settings.get("initial_weight_version", 0))  # what the servers serve
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="megagym-rollouts")
         self._pending: Future | None = None
 
@@ -74,6 +81,7 @@ class BatchSource:
         need, rounds = t.prompts_per_step, 0
         metrics: dict = {}
         self._check_gym()
+        self.manager.weight_version = self.weight_version  # the weights cannot change until this batch is done
         start = self.cursor.state_dict()
         while True:
             idx = self.cursor.take(need)

@@ -143,6 +143,8 @@ def test_dead_gym_server_is_restarted_and_its_batch_redone(tmp_path):
     # the redone batch used the prompts the dead one had taken, nothing skipped
     assert {b["step"]: b["rows"] for b in trained} == _seeded_rows(small, 3)
     assert [b["step"] for b in trained] == [1, 2, 3]
+    # sync mode: step t's samples come from the weights of step t-1 (version = the step that made them)
+    assert {b["step"]: b["weight_versions"] for b in trained} == {1: [0], 2: [1], 3: [2]}
     assert not _leftovers(run)
 
 
@@ -166,11 +168,15 @@ def test_killed_trainer_resumes_without_losing_or_repeating_prompts(tmp_path):
     assert not _leftovers(run), _leftovers(run)
 
     assert _train(run, *small, resume=True).wait(timeout=1500) == 0, (tmp_path / "run.log").read_text()[-4000:]
-    rows = {}
+    rows, versions = {}, {}
     for line in (run / "batches.jsonl").read_text().splitlines():
         rec = json.loads(line)
         rows[rec["step"]] = rec["rows"]  # a step repeated after the crash keeps its last record
+        versions[rec["step"]] = rec["weight_versions"]
     assert rows == _seeded_rows(small, 4)  # none lost, none repeated
+    # one step off: step 2 was generated while step 1 trained (version 0); after the resume (servers
+    # sent version 2) step 3 is generated at once and step 4 while step 3 trains, both by version 2
+    assert versions == {1: [0], 2: [0], 3: [2], 4: [2]}
     recs = [r for r in read_metrics(run) if "train/loss" in r]
     assert [r["step"] for r in recs][-2:] == [3, 4]
     # one step off: steps after the first train on samples of the previous weights

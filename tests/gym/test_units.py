@@ -242,14 +242,25 @@ class _NoDeadServersStack:
         return [agent]
 
 
+def _three_row_source(cfg, handler):
+    """A BatchSource over the first 3 lowercase_words rows whose rollouts go to `handler`."""
+    from megagym.data.dataset import PromptCursor
+    from megagym.rollout.batches import BatchSource
+
+    stack = _NoDeadServersStack()
+    source = BatchSource(cfg, stack)
+    source.rows = source.rows[:3]
+    source.cursor = PromptCursor(3, seed=cfg.run.seed)
+    source.manager = RolloutManager(cfg.rollout, stack, transport=httpx.MockTransport(handler))
+    return source
+
+
 def test_a_row_taken_twice_in_one_batch_gives_two_groups_with_their_own_baselines(tmp_path):
     """3 rows, 4 prompts a step: the cursor crosses an epoch inside the batch, so one row is in it
     twice. Each group keeps its own baseline (they used to share one: group id = row index)."""
     import torch
 
-    from megagym.data.dataset import PromptCursor
     from megagym.driver import Driver
-    from megagym.rollout.batches import BatchSource
     from megagym.trainer.advantages import group_advantages
 
     cfg = _cfg(tmp_path, "env: {environments: [lowercase_words]}\n",
@@ -259,11 +270,7 @@ def test_a_row_taken_twice_in_one_batch_gives_two_groups_with_their_own_baseline
     def handler(request: httpx.Request):
         return httpx.Response(200, json=_ok_result(next(rewards)))
 
-    stack = _NoDeadServersStack()
-    source = BatchSource(cfg, stack)
-    source.rows = source.rows[:3]
-    source.cursor = PromptCursor(3, seed=cfg.run.seed)
-    source.manager = RolloutManager(cfg.rollout, stack, transport=httpx.MockTransport(handler))
+    source = _three_row_source(cfg, handler)
     try:
         batch = source.next()
     finally:
@@ -276,3 +283,20 @@ def test_a_row_taken_twice_in_one_batch_gives_two_groups_with_their_own_baseline
         expect = group_advantages(torch.tensor(g.rewards), normalize_std=False).tolist()
         assert [s.advantage for s in g.samples] == pytest.approx(expect, abs=1e-6)
         assert {s.row_index for s in g.samples} == {g.row_index}
+
+
+def test_samples_carry_the_weight_version_the_servers_had_when_their_batch_began(tmp_path):
+    """Gym does not pass the servers' weight_version through, so the batch stamps the version the
+    loop recorded at the last sync; a prefetched batch keeps the version it began with."""
+    cfg = _cfg(tmp_path, "env: {environments: [lowercase_words]}\n",
+               ["train.prompts_per_step=2", "rollout.n=2", "rollout.progress=false"])
+    source = _three_row_source(cfg, lambda request: httpx.Response(200, json=_ok_result(1.0)))
+    try:
+        assert {s.weight_version for s in source.next().samples} == {0}
+        source.weight_version = 3  # the loop, after the servers acknowledged version 3
+        source.prefetch()
+        source.wait_prefetch()
+        source.weight_version = 4  # a later sync does not restamp the batch collected before it
+        assert {s.weight_version for s in source.next().samples} == {3}
+    finally:
+        source.close()
