@@ -3,7 +3,9 @@
 Owns: launching the server in its own process group on 127.0.0.1, waiting (bounded) for
 `/health`, and stopping it: SIGTERM to the server's main PID first (so the engine shuts down in
 order and in-flight requests finish or fail cleanly), then SIGKILL to the whole group for
-anything left. The caller gets the base URL (no `/v1`) and the log path.
+anything left. The caller gets the base URL (no `/v1`) and the log path. An `api_key=...`
+override never reaches the command line (`ps` shows it to every user): it travels in the child's
+environment (`MEGAGYM_API_KEY`, readable only by its owner), which `megagym serve` reads.
 Must not: pick models or settings beyond what it is given; import vLLM.
 """
 
@@ -19,11 +21,27 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megagym.server.cli import API_KEY_ENV
+
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def split_api_key(overrides: list[str]) -> tuple[list[str], str | None]:
+    """(`overrides` without any `api_key=...`, the key as `megagym serve` would have parsed it)."""
+    from megagym.config.loader import parse_override
+
+    rest, key = [], None
+    for text in overrides:
+        path, value = parse_override(text)
+        if path == ["api_key"]:
+            key = None if value in (None, "") else str(value)
+        else:
+            rest.append(text)
+    return rest, key
 
 
 class PortTaken(RuntimeError):
@@ -59,12 +77,16 @@ class ServerProcess:
 
     def _start_once(self, timeout_s: float) -> "ServerProcess":
         self.port = self.port or free_port()
+        overrides, api_key = split_api_key(self.overrides)
         cmd = self.command or [
             sys.executable, "-m", "megagym.cli", "serve", "--model", str(self.model_path),
-            "--host", "127.0.0.1", "--port", str(self.port), *self.overrides,
+            "--host", "127.0.0.1", "--port", str(self.port), *overrides,
         ]
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false",
                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **self.env}
+        env.pop(API_KEY_ENV, None)
+        if api_key:
+            env[API_KEY_ENV] = api_key
         self.log_path = Path(self.log_path or f"/tmp/megagym-serve-{self.port}.log")
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
