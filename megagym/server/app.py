@@ -16,6 +16,7 @@ or the request limits (limits.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import time
@@ -176,7 +177,8 @@ def create_app(cfg: ServerConfig, *, engine_factory: Callable[[ServerConfig], Aw
         st = request.app.state
         ok = not st.engine.errored
         body = {"status": "ok" if ok else "engine dead", "weight_version": st.weight_version,
-                "updating_weights": updating(st), "model": cfg.model_name, "dtype": st.dtype}
+                "updating_weights": updating(st), "model": cfg.model_name, "dtype": st.dtype,
+                "limits": dataclasses.asdict(st.limits)}
         return json_response(body, 200 if ok else 503, st.weight_version)
 
     @app.get("/v1/models")

@@ -43,13 +43,13 @@ class ServerConfig:
     engine_args: dict = field(default_factory=dict)  # extra AsyncEngineArgs (weight_transfer_config, ...)
 
     # bounded work per request (None: derived from the engine's max_model_len L, see limits.py)
-    max_request_bytes: Optional[int] = None  # body size, else 413; default max(1 MiB, 512 B x L)
+    max_request_bytes: Optional[int] = None  # body size, else 413; default max(4 MiB, 1 KiB x L)
     max_messages: Optional[int] = None  # messages per request; default max(64, L // 4)
     max_text_chars: Optional[int] = None  # all text of one request (messages + tools); default 16 x L
     # connections (uvicorn + megagym/server/connections.py)
     max_connections: int = 2048  # open connections or requests in flight above this: 503
     header_timeout_s: float = 10.0  # a connection that has not sent complete request headers: closed
-    body_timeout_s: float = 30.0  # a request body not complete this long after its headers: 408, closed
+    body_timeout_s: float = 20.0  # a request body not complete this long after its headers: 408, closed
     keep_alive_s: int = 30  # an idle keep-alive connection: closed
 
     # sampling guard: a request must match one of these (unset fields take the training values)

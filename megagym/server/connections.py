@@ -25,7 +25,7 @@ MAX_HEADER_BYTES = 64 * 1024
 
 class DeadlineProtocol(HttpToolsProtocol):
     header_timeout_s = 10.0
-    body_timeout_s = 30.0
+    body_timeout_s = 20.0
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)

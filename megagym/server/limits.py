@@ -35,11 +35,11 @@ class Limits:
 
     @classmethod
     def derive(cls, cfg: ServerConfig, max_model_len: int) -> "Limits":
-        """Defaults: 512 bytes per token of context (token fields on every assistant message of a
-        long history grow with turns x context), a message costs at least 4 tokens, and text
-        averages far fewer than 16 characters per token."""
+        """Defaults: 1 KiB per token of context (Gym sends token fields on every assistant message,
+        so a history of T turns carries ~T x context/2 ids: 150 tool-call turns at 32k are ~17 MB),
+        a message costs at least 4 tokens, and text averages far fewer than 16 characters per token."""
         return cls(
-            max_request_bytes=cfg.max_request_bytes or max(1 << 20, 512 * max_model_len),
+            max_request_bytes=cfg.max_request_bytes or max(4 << 20, 1024 * max_model_len),
             max_messages=cfg.max_messages or max(64, max_model_len // 4),
             max_text_chars=cfg.max_text_chars or 16 * max_model_len,
             max_model_len=max_model_len,
@@ -93,9 +93,10 @@ class BodyLimitMiddleware:
 
 async def _answer(send, exc: RequestError) -> None:
     body = _error_bytes(exc)
+    # no `connection: close`: a client still sending gets its answer; uvicorn discards the rest of
+    # the body (never buffered) and connections.py closes the connection if it does not end in time
     await send({"type": "http.response.start", "status": exc.status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-        (b"connection", b"close")]})
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -132,7 +133,8 @@ def check_json(value: Any, *, surrogates: bool = True) -> None:
         if not isinstance(node, (dict, list)):
             continue
         if depth > MAX_JSON_DEPTH:
-            raise RequestError(f"{_dotted(path)}: JSON nested too deeply (at most {MAX_JSON_DEPTH} levels)", _dotted(path))
+            top = str(path[0]) if path else "body"
+            raise RequestError(f"{top}: JSON nested too deeply (at most {MAX_JSON_DEPTH} levels)", top)
         if isinstance(node, dict):
             for key, child in node.items():
                 if surrogates and not key.isascii():
