@@ -199,8 +199,9 @@ def send(client, c: Case):
             r = client.request(c.method, c.path, content=c.raw, headers=c.headers)
         elif c.method == "GET":
             r = client.get(c.path, headers=c.headers)
-        else:
-            r = client.request(c.method, c.path, json=c.body, headers=c.headers)
+        else:  # json.dumps, not httpx's encoder: NaN / Infinity must reach the server as written
+            r = client.request(c.method, c.path, content=json.dumps(c.body).encode(),
+                               headers={"content-type": "application/json", **c.headers})
         status, text = r.status_code, r.text[:300]
     except httpx.HTTPError as e:
         status, text = -1, f"{type(e).__name__}: {e}"

@@ -151,12 +151,13 @@ def _check_text(text: str, path: tuple) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         where = _dotted(path)
-        raise RequestError(f"{where}: holds a lone UTF-16 surrogate ({text[e.start]!r} at character {e.start}); "
+        raise RequestError(f"{where}: holds a lone UTF-16 surrogate ({ascii(text[e.start])} at character {e.start}); "
                            "text must be valid Unicode", where) from None
 
 
 def _dotted(path: tuple) -> str:
-    return ".".join(str(p) for p in path) or "body"
+    # a key may itself hold the surrogate: escape it, the answer must be valid JSON
+    return ".".join(str(p) for p in path).encode("utf-8", "backslashreplace").decode() or "body"
 
 
 async def read_json(request, limits: Limits) -> Any:

@@ -183,7 +183,13 @@ def accepted_fields(model: type[BaseModel]) -> list[str]:
 def error_body(message: str, *, status: int = 400, param: str | None = None, kind: str | None = None) -> dict:
     """OpenAI-style error (vLLM's shape); `message` always names the cause."""
     kind = kind or ("invalid_request_error" if status < 500 else "internal_error")
+    message, param = _valid_text(message), None if param is None else _valid_text(param)
     return {"object": "error", "error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def _valid_text(text: str) -> str:
+    """Text that encodes as UTF-8: a message may quote a client's lone surrogate."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # pydantic puts union members and constrained types into `loc`; they are not field names

@@ -177,8 +177,8 @@ class FakeSyncLLM(FakeLLM):
         self.calls.append(name)
 
 
-@pytest.fixture()
-def sync_app(tiny_qwen3):
+@pytest.fixture(scope="module")
+def sync_server(tiny_qwen3):
     from transformers import AutoTokenizer
 
     cfg = ServerConfig(model=str(tiny_qwen3), weight_sync="shm")
@@ -190,6 +190,15 @@ def sync_app(tiny_qwen3):
     with TestClient(create_app(cfg, engine_factory=factory)) as client:
         assert client.post("/weights/init", json={"init_info": {}}).status_code == 200
         yield client, llm
+
+
+@pytest.fixture()
+def sync_app(sync_server):
+    """The module's app with no update in progress and an empty call record."""
+    client, llm = sync_server
+    client.post("/weights/abort")
+    llm.calls.clear()
+    return client, llm
 
 
 def paused(llm) -> bool:
@@ -227,38 +236,28 @@ def test_malformed_body_during_an_update_abandons_it_and_resumes(sync_app, path,
     assert not paused(llm)
 
 
-def test_weight_routes_fuzzed(tiny_qwen3):
+def test_weight_routes_fuzzed(sync_app):
     """Generated bodies on every weight route: never a 5xx, never left paused or mid-update."""
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
-    from transformers import AutoTokenizer
 
-    cfg = ServerConfig(model=str(tiny_qwen3), weight_sync="shm")
-    llm = FakeSyncLLM(AutoTokenizer.from_pretrained(str(tiny_qwen3)))
-
-    async def factory(c):
-        return llm
-
+    client, llm = sync_app
     values = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=8)),
                           lambda inner: st.one_of(st.lists(inner, max_size=3),
                                                   st.dictionaries(st.text(max_size=6), inner, max_size=3)), max_leaves=8)
     bodies = st.one_of(values, st.fixed_dictionaries({}, optional={
         "pause_mode": values, "update_info": values, "weight_version": values, "init_info": values}))
-    with TestClient(create_app(cfg, engine_factory=factory)) as client:
-        client.post("/weights/init", json={"init_info": {}})
+    @settings(max_examples=80, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+    @given(steps=st.lists(st.tuples(st.sampled_from(["init", "start", "update", "finish", "abort"]), bodies),
+                          min_size=1, max_size=4))
+    def run(steps):
+        for route, body in steps:
+            r = client.post(f"/weights/{route}", json=body)
+            assert r.status_code < 500, r.text
+        client.post("/weights/abort")  # what a trainer does after its own failure
+        assert not paused(llm) and client.get("/weights/info").json()["active"] is False
 
-        @settings(max_examples=150, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
-        @given(steps=st.lists(st.tuples(st.sampled_from(["init", "start", "update", "finish", "abort"]), bodies),
-                              min_size=1, max_size=4))
-        def run(steps):
-            for route, body in steps:
-                r = client.post(f"/weights/{route}", json=body)
-                assert r.status_code < 500, r.text
-            client.post("/weights/abort")  # what a trainer does after its own failure
-            assert not paused(llm) and client.get("/weights/info").json()["active"] is False
-
-        run()
+    run()
 
 
 # -- the API key stays off command lines ------------------------------------------------------------

@@ -40,6 +40,7 @@ def nested(depth: int) -> str:
         ('{"messages": [{"role": "system", "content": "\\ud83d"}, {"role": "user", "content": "x"}]}', "messages.0.content"),
         ('{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "\\udc00"}}]}',
          "tools.0.function.name"),
+        ('{"messages": [{"role": "user", "content": "x"}], "metadata": {"\\ud800": 1}}', "metadata.\\ud800"),
     ],
 )
 def test_nesting_and_lone_surrogates(client, raw, param):
