@@ -230,12 +230,11 @@ def create_app(cfg: ServerConfig, *, engine_factory: Callable[[ServerConfig], Aw
         except ClientGone:
             return error_response("client disconnected", 499)
         except Exception as e:
+            if llm.errored:
+                return error_response(f"engine is dead: {e}", 503)
             refused = _engine_refusal(e)
             if refused is not None:
                 raise refused from None
-        except Exception as e:
-            if llm.errored:
-                return error_response(f"engine is dead: {e}", 503)
             raise
         body = _chat_response(req, final, ids, request_id, st, cfg)
         return json_response(body, 200, st.weight_version)

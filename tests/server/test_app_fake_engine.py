@@ -314,3 +314,20 @@ def test_dtype_auto_is_the_checkpoint_dtype(tiny_qwen3, tmp_path):
     assert checkpoint_dtype(ServerConfig(model=str(tiny_qwen3), dtype="bfloat16")) == "bfloat16"
     (tmp_path / "config.json").write_text(json.dumps({"dtype": "bfloat16"}))
     assert checkpoint_dtype(ServerConfig(model=str(tmp_path))) == "bfloat16"
+
+
+def test_engine_refusals_are_400_naming_the_field(fake):
+    """vLLM's own validation errors (not ValueError subclasses) map to 400 with vLLM's parameter."""
+    from vllm.exceptions import VLLMValidationError
+
+    client, llm = fake
+    auth = {"authorization": "Bearer sekrit"}
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for exc, param in ((VLLMValidationError("bad stop", parameter="stop"), "stop"), (ValueError("too long"), "messages")):
+        async def refuse(prompt, params, request_id, exc=exc):
+            raise exc
+            yield  # an async generator, like AsyncLLM.generate
+
+        llm.generate = refuse
+        r = client.post("/v1/chat/completions", headers=auth, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
