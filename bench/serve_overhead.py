@@ -9,10 +9,13 @@ Prints requests/s and p50/p99 latency side by side with the ratio (megagym / vLL
 Part 2 (`fix`): CPU cost of building the prompt of one call whose history holds H tokens
 (1k .. 32k; Qwen3 template with tools, HF fast tokenizer), three ways: the plain template
 (no fix), the peers' fix (render + tokenize the whole history twice), megagym's fix (render twice,
-tokenize only the tail after the last assistant message). Prints ms per call and the ratio.
+tokenize only the tail after the last assistant message). Prints ms per call and the ratio, and
+megagym's fix without its match checks (tokens.py: token fields must match their messages) beside
+it, so the last column is what the checks cost.
 
     .venv/bin/python bench/serve_overhead.py                  # both parts, defaults below
     .venv/bin/python bench/serve_overhead.py fix              # only the fix cost
+    .venv/bin/python bench/serve_overhead.py fix --cpu-time   # the same, timed in CPU time (shared machine)
     .venv/bin/python bench/serve_overhead.py serve --conversations 64 --turns 8 --max-tokens 16
 """
 
@@ -161,7 +164,9 @@ def history_of(chat, target_tokens, rng):
     prompt = chat.prompt_ids(messages, tools=TOOLS).token_ids
     while True:
         text = "".join(rng.choice(words) for _ in range(120))
-        gen = chat.encode(text) + [chat.turn_end_id]
+        # the model's own tokens: text, then the tool call the parser extracted from them
+        call_text = '\n<tool_call>\n{"name": "search", "arguments": {"query": "x"}}\n</tool_call>'
+        gen = chat.encode(text + call_text) + [chat.turn_end_id]
         call = {"id": f"c{len(messages)}", "type": "function",
                 "function": {"name": "search", "arguments": '{"query": "x"}'}}
         messages.append({"role": "assistant", "content": text, "tool_calls": [call], "prompt_token_ids": prompt,
@@ -184,18 +189,38 @@ def run_fix(args):
     tok = AutoTokenizer.from_pretrained(str(qwen3_tokenizer_dir()))
     chat = ChatTokenizer(tok)
     rng = random.Random(0)
+    bare = ChatTokenizer(tok)  # the match checks (turn by turn, spliced message) switched off
+    bare._check_turns = bare._check_spliced_message = lambda *a, **k: None
+
+    def unchecked(messages):
+        return bare.prompt_ids(messages, tools=TOOLS)
+
+    clock = time.thread_time if args.cpu_time else time.perf_counter
 
     def timeit(fn, reps):
         fn()
         best = []
         for _ in range(reps):
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            best.append(time.perf_counter() - t0)
+            best.append(clock() - t0)
         return statistics.median(best) * 1000
 
-    print("\non-policy fix cost per call vs history length (Qwen3 template with tools, HF fast tokenizer)")
-    print(f"{'history':>9}{'no fix':>10}{'peers':>10}{'megagym':>10}{'peers/megagym':>15}")
+    def paired(f, g, reps):
+        """Medians of f and g timed alternately, so that load drifting on a shared machine hits both."""
+        f(), g()
+        tf, tg = [], []
+        for _ in range(reps):
+            for fn, out in ((f, tf), (g, tg)):
+                t0 = clock()
+                fn()
+                out.append(clock() - t0)
+        return statistics.median(tf) * 1000, statistics.median(tg) * 1000
+
+    print("\non-policy fix cost per call vs history length (Qwen3 template with tools, HF fast tokenizer; "
+          + ("CPU time of the calling thread)" if args.cpu_time else "wall-clock)"))
+    print(f"{'history':>9}{'no fix':>10}{'peers':>10}{'megagym':>10}{'peers/megagym':>15}"
+          f"{'unchecked':>11}{'checks':>9}")
     for target in args.history:
         messages, n = history_of(chat, target, rng)
         plain = lambda: chat.encode(chat.render(template_messages(messages), tools=TOOLS))  # noqa: E731
@@ -203,8 +228,9 @@ def run_fix(args):
         ours = lambda: chat.prompt_ids(messages, tools=TOOLS)  # noqa: E731
         assert ours().token_ids == peers()
         reps = 15 if n < 10000 else 7
-        a, b, c = timeit(plain, reps), timeit(peers, reps), timeit(ours, reps)
-        print(f"{n:9d}{a:9.1f}ms{b:9.1f}ms{c:9.1f}ms{b / c:15.1f}", flush=True)
+        a, b = timeit(plain, reps), timeit(peers, reps)
+        c, d = paired(ours, lambda: unchecked(messages), 3 * reps)  # the same fix without the match checks
+        print(f"{n:9d}{a:9.1f}ms{b:9.1f}ms{c:9.1f}ms{b / c:15.1f}{d:9.1f}ms{c - d:7.1f}ms", flush=True)
 
 
 def main(argv=None):
@@ -216,6 +242,8 @@ def main(argv=None):
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--vllm-first", action="store_true", help="run vLLM's server first (order check)")
     p.add_argument("--history", type=int, nargs="*", default=[1000, 4000, 8000, 16000, 32000])
+    p.add_argument("--cpu-time", action="store_true",
+                   help="fix part: time the calling thread's CPU time (steadier than wall-clock on a shared machine)")
     args = p.parse_args(argv)
     if args.part in ("all", "fix"):
         run_fix(args)

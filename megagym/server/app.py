@@ -5,13 +5,18 @@ Owns: the HTTP surface — `POST /v1/chat/completions`, `POST /tokenize`, `GET /
 (sampling.py) → engine (engine.py) → OpenAI-schema response with `prompt_token_ids`,
 `generation_token_ids`, `generation_log_probs` on each choice's message, tool calls and reasoning
 parsed by vLLM's own parsers, and the weight version on every response (body field
-`weight_version` and header `x-weight-version`). Every refusal is a 4xx naming the field.
-Must not: hold engine or weight-update logic (engine.py), or implement the token fix (tokens.py).
+`weight_version` and header `x-weight-version`). Every refusal is a 4xx naming the field, and
+the order of checks keeps the work of a refused request small: body size (limits.py, before the
+body is read) -> JSON shape -> typed fields (protocol.py) -> message count and text length
+(limits.py) -> sampling guard -> rendering and the token fix -> engine.
+Must not: hold engine or weight-update logic (engine.py), implement the token fix (tokens.py),
+or the request limits (limits.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import time
@@ -24,8 +29,10 @@ import pydantic_core
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from starlette.requests import ClientDisconnect
 
 from megagym.server.config import ServerConfig
+from megagym.server.limits import BodyLimitMiddleware, Limits, check_chat, check_text_total, read_json
 from megagym.server.protocol import (
     ChatCompletionRequest,
     TokenizeChatRequest,
@@ -124,16 +131,21 @@ def create_app(cfg: ServerConfig, *, engine_factory: Callable[[ServerConfig], Aw
             st.weight_version = cfg.initial_weight_version
             st.max_model_len = int(llm.model_config.max_model_len)
             st.vocab_size = int(llm.model_config.get_vocab_size())
-            st.chat = ChatTokenizer(tok, default_template_kwargs=cfg.chat_template_kwargs, stop_ids=stop_ids)
+            st.dtype = str(getattr(llm.model_config, "dtype", cfg.dtype)).removeprefix("torch.")
+            st.chat = ChatTokenizer(tok, default_template_kwargs=cfg.chat_template_kwargs, stop_ids=stop_ids,
+                                    vocab_size=st.vocab_size)
             st.parsers = Parsers(cfg, tok)
             st.started = time.time()
-            log.info("policy server ready: model=%s max_model_len=%d", cfg.model_name, st.max_model_len)
+            st.limits = Limits.derive(cfg, st.max_model_len)
+            log.info("policy server ready: model=%s dtype=%s max_model_len=%d limits=%s", cfg.model_name,
+                     st.dtype, st.max_model_len, st.limits)
             yield
         finally:
             eng.shutdown(llm, cfg)
 
     app = FastAPI(title="megagym policy server", lifespan=lifespan)
     app.state.cfg = cfg
+    app.add_middleware(BodyLimitMiddleware, state=app.state)
 
     @app.middleware("http")
     async def auth(request: Request, call_next):
@@ -165,7 +177,8 @@ def create_app(cfg: ServerConfig, *, engine_factory: Callable[[ServerConfig], Aw
         st = request.app.state
         ok = not st.engine.errored
         body = {"status": "ok" if ok else "engine dead", "weight_version": st.weight_version,
-                "updating_weights": updating(st), "model": cfg.model_name}
+                "updating_weights": updating(st), "model": cfg.model_name, "dtype": st.dtype,
+                "limits": dataclasses.asdict(st.limits)}
         return json_response(body, 200 if ok else 503, st.weight_version)
 
     @app.get("/v1/models")
@@ -177,15 +190,18 @@ def create_app(cfg: ServerConfig, *, engine_factory: Callable[[ServerConfig], Aw
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
-        body = await _json_body(request)
-        chat: ChatTokenizer = request.app.state.chat
+        st = request.app.state
+        body = await read_json(request, st.limits)
+        chat: ChatTokenizer = st.chat
         if isinstance(body, dict) and "prompt" in body and "messages" not in body:
             req = _parse(TokenizeTextRequest, body)
+            check_text_total(len(req.prompt), "prompt", st.limits)
             ids = await asyncio.to_thread(
                 lambda: list(chat.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens))
             )
         else:
             req = _parse(TokenizeChatRequest, body)
+            check_chat(req, st.limits)
             prompt = await asyncio.to_thread(_prompt_ids, chat, req, cfg)
             ids = prompt.token_ids
         max_len = request.app.state.max_model_len
@@ -195,17 +211,15 @@ def create_app(cfg: ServerConfig, *, engine_factory: Callable[[ServerConfig], Aw
     async def chat_completions(request: Request):
         from megagym.server import engine as eng
 
-        req = _parse(ChatCompletionRequest, await _json_body(request))
         st = request.app.state
+        req = _parse(ChatCompletionRequest, await read_json(request, st.limits))
         if req.model is not None and req.model not in (cfg.model_name, cfg.model):
             raise RequestError(f"model: {req.model!r} is not served here; this server serves {cfg.model_name!r}", "model")
+        check_chat(req, st.limits)
         sampling = check_sampling(req, cfg)
         sampling.setdefault("logprobs", 0)  # token information is always computed (one log-softmax per step)
         prompt = await asyncio.to_thread(_prompt_ids, st.chat, req, cfg)
         ids = prompt.token_ids
-        head = ids[: prompt.prefix_len]
-        if head and (min(head) < 0 or max(head) >= st.vocab_size):
-            raise RequestError(f"messages: token fields hold ids outside the vocabulary [0, {st.vocab_size})", "messages")
         max_tokens = max_new_tokens(req, len(ids), st.max_model_len)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         llm = st.engine
@@ -215,11 +229,12 @@ def create_app(cfg: ServerConfig, *, engine_factory: Callable[[ServerConfig], Aw
             )
         except ClientGone:
             return error_response("client disconnected", 499)
-        except ValueError as e:  # inputs the engine refuses (vLLM validation)
-            raise RequestError(f"messages: the engine refused the prompt: {e}", "messages") from None
         except Exception as e:
             if llm.errored:
                 return error_response(f"engine is dead: {e}", 503)
+            refused = _engine_refusal(e)
+            if refused is not None:
+                raise refused from None
             raise
         body = _chat_response(req, final, ids, request_id, st, cfg)
         return json_response(body, 200, st.weight_version)
@@ -228,6 +243,10 @@ def create_app(cfg: ServerConfig, *, engine_factory: Callable[[ServerConfig], Aw
         from megagym.weights.sync.routes import router
 
         app.include_router(router)
+
+    @app.exception_handler(ClientDisconnect)
+    async def on_disconnect(_: Request, exc: ClientDisconnect):
+        return error_response("client disconnected", 499)
 
     @app.exception_handler(Exception)
     async def on_unexpected(_: Request, exc: Exception):
@@ -251,16 +270,16 @@ def _load_extension(target: str) -> Callable[[FastAPI], Any]:
 # -- helpers -----------------------------------------------------------------------------------
 
 
-async def _json_body(request: Request) -> Any:
-    import json
+def _engine_refusal(exc: Exception) -> RequestError | None:
+    """vLLM's verdict on a request it refuses (its client errors, ValueError) -> a 400 naming the field."""
+    from vllm.exceptions import VLLMClientError
 
-    raw = await request.body()
-    try:
-        if len(raw) > (1 << 18):  # long histories: keep the event loop free while parsing
-            return await asyncio.to_thread(json.loads, raw)
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RequestError(f"body: invalid JSON ({e})", "body") from None
+    if isinstance(exc, VLLMClientError):
+        param = getattr(exc, "parameter", None) or "messages"
+        return RequestError(f"{param}: the engine refused the request: {exc}", param)
+    if isinstance(exc, (ValueError, OverflowError)):
+        return RequestError(f"messages: the engine refused the request: {exc}", "messages")
+    return None
 
 
 def _parse(model: type, body: Any):
@@ -269,14 +288,15 @@ def _parse(model: type, body: Any):
     try:
         return model.model_validate(body)
     except pydantic_core.ValidationError as e:
-        message, param = describe_validation_errors(e.errors())
+        message, param = describe_validation_errors(e.errors(), model)
         raise RequestError(message, param) from None
 
 
 def _prompt_ids(chat: ChatTokenizer, req, cfg: ServerConfig):
     messages = [m.template_dict() for m in req.messages]
     kwargs = {**cfg.chat_template_kwargs, **(req.chat_template_kwargs or {})}
-    prompt = chat.prompt_ids(messages, tools=req.tools, template_kwargs=kwargs, add_generation_prompt=req.add_generation_prompt)
+    prompt = chat.prompt_ids(messages, tools=req.tool_dicts(), template_kwargs=kwargs,
+                             add_generation_prompt=req.add_generation_prompt)
     need = req.required_prefix_token_ids
     if need and prompt.token_ids[: len(need)] != need:
         raise RequestError(
@@ -316,7 +336,7 @@ def _choice(req: ChatCompletionRequest, out: Any, prompt_ids: list[int], state: 
     gen_logps = [max(float(steps[i][t].logprob), LOGPROB_FLOOR) for i, t in enumerate(gen_ids)] if steps else []
     text = out.text
     shim = SimpleNamespace(
-        messages=req.messages, tools=req.tools, tool_choice=req.tool_choice,
+        messages=req.messages, tools=req.tool_dicts(), tool_choice=req.tool_choice,
         chat_template_kwargs={**cfg.chat_template_kwargs, **(req.chat_template_kwargs or {})},
         skip_special_tokens=True, include_reasoning=True,
     )
@@ -328,7 +348,7 @@ def _choice(req: ChatCompletionRequest, out: Any, prompt_ids: list[int], state: 
         info = parsers.tool.extract_tool_calls(content, shim)
         if info.tools_called:
             content = info.content
-            for call in info.tool_calls:
+            for call in info.tool_calls[: 1 if req.parallel_tool_calls is False else None]:
                 tool_calls.append({
                     "id": getattr(call, "id", None) or f"call_{uuid.uuid4().hex[:24]}",
                     "type": "function",

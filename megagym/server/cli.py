@@ -1,8 +1,12 @@
-"""`megagym serve --model PATH [--host H] [--port P] [--config FILE] [key=value ...]`.
+"""`megagym serve --model PATH [--host H] [--port P] [--config FILE] [--api-key-file F] [key=value ...]`.
 
 Owns: turning the command line (and an optional YAML file) into a `ServerConfig` and running the
-app under uvicorn with bounded graceful shutdown. SIGINT/SIGTERM to this process stop the server
-and then the engine (bounded by `shutdown_timeout_s`).
+app under uvicorn with the connection limits of connections.py and bounded graceful shutdown.
+The API key never needs the command line (where `ps` shows it to every user of the node): it
+comes from the `MEGAGYM_API_KEY` environment variable (removed from this process's environment
+once read, so the engine's processes do not inherit it) or from `--api-key-file`, a file only its
+owner may read. An `api_key=` override still works but warns. SIGINT/SIGTERM to this process stop
+the server and then the engine (bounded by `shutdown_timeout_s`).
 Must not: contain server behaviour; everything else is in app.py / engine.py.
 """
 
@@ -10,9 +14,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import stat
 import sys
 
 from megagym.config import ConfigError, load
+
+API_KEY_ENV = "MEGAGYM_API_KEY"
 
 
 def parse(argv: list[str]):
@@ -23,6 +31,8 @@ def parse(argv: list[str]):
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000)")
     p.add_argument("--config", help="YAML file with ServerConfig keys")
+    p.add_argument("--api-key-file", help=f"file holding the bearer API key, readable by its owner only "
+                                          f"(or set {API_KEY_ENV})")
     p.add_argument("--log-level", default="info")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_model_len=2048 train_sampling.temperature=0.7")
     a = p.parse_intermixed_args(argv)
@@ -31,7 +41,36 @@ def parse(argv: list[str]):
         value = getattr(a, key)
         if value is not None:
             overrides.append(f"{key}={value}")
-    return load(ServerConfig, a.config, overrides), a.log_level
+    if any(o.split("=", 1)[0].strip().lstrip("+") == "api_key" for o in overrides):
+        print(f"megagym serve: warning: api_key on the command line is visible to every user of this node "
+              f"(ps); pass it in {API_KEY_ENV} or --api-key-file", file=sys.stderr)
+    cfg = load(ServerConfig, a.config, overrides)
+    key = api_key_from(a.api_key_file, os.environ)
+    if key is not None:
+        if cfg.api_key not in (None, key):
+            raise ConfigError(f"api_key: given both in the config and in {API_KEY_ENV} / --api-key-file")
+        cfg.api_key = key
+    return cfg, a.log_level
+
+
+def api_key_from(path: str | None, environ) -> str | None:
+    """The key from --api-key-file (owner-only permissions required) or the environment, or None."""
+    key = environ.pop(API_KEY_ENV, None)
+    if path:
+        if key is not None:
+            raise ConfigError(f"api_key: give either --api-key-file or {API_KEY_ENV}, not both")
+        try:
+            info = os.stat(path)
+            if info.st_uid != os.getuid() or info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise ConfigError(f"--api-key-file {path}: must belong to this user and be unreadable by "
+                                  f"others (chmod 600), mode is {stat.filemode(info.st_mode)}")
+            with open(path, encoding="utf-8") as f:
+                key = f.read().strip()
+        except OSError as e:
+            raise ConfigError(f"--api-key-file {path}: {e.strerror}") from None
+    if key is not None and not key:
+        raise ConfigError("api_key: the key is empty")
+    return key
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from megagym.server.app import create_app
+    from megagym.server.connections import uvicorn_settings
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(
@@ -52,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         port=cfg.port,
         log_level=log_level,
         timeout_graceful_shutdown=10,
-        timeout_keep_alive=30,
+        **uvicorn_settings(cfg),
     )
     return 0
 

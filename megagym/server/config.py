@@ -25,11 +25,13 @@ class ServerConfig:
     served_model_name: Optional[str] = None  # the `model` name clients send; default: the model path
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: Optional[str] = None  # bearer token required on every endpoint but /health when set
+    # bearer token required on every endpoint but /health when set. `megagym serve` takes it from
+    # the MEGAGYM_API_KEY environment variable or --api-key-file (owner-only), never argv.
+    api_key: Optional[str] = None
 
     # engine sizing
     max_model_len: Optional[int] = None  # default: the model's own (max_position_embeddings)
-    dtype: str = "auto"  # "float32" on CPU for exact logprob parity
+    dtype: str = "auto"  # "auto": the checkpoint's own (config.json torch_dtype), never a silent downcast
     kv_cache_gib: float = 1.0  # CPU: VLLM_CPU_KVCACHE_SPACE; GPU: ignored (use gpu_memory_utilization)
     gpu_memory_utilization: float = 0.8
     tensor_parallel_size: int = 1
@@ -39,6 +41,16 @@ class ServerConfig:
     max_num_seqs: int = 256
     shutdown_timeout_s: float = 20.0
     engine_args: dict = field(default_factory=dict)  # extra AsyncEngineArgs (weight_transfer_config, ...)
+
+    # bounded work per request (None: derived from the engine's max_model_len L, see limits.py)
+    max_request_bytes: Optional[int] = None  # body size, else 413; default max(4 MiB, 1 KiB x L)
+    max_messages: Optional[int] = None  # messages per request; default max(64, L // 4)
+    max_text_chars: Optional[int] = None  # all text of one request (messages + tools); default 16 x L
+    # connections (uvicorn + megagym/server/connections.py)
+    max_connections: int = 2048  # open connections or requests in flight above this: 503
+    header_timeout_s: float = 10.0  # a connection that has not sent complete request headers: closed
+    body_timeout_s: float = 20.0  # a request body not complete this long after its headers: 408, closed
+    keep_alive_s: int = 30  # an idle keep-alive connection: closed
 
     # sampling guard: a request must match one of these (unset fields take the training values)
     train_sampling: SamplingSetting = field(default_factory=SamplingSetting)
@@ -70,6 +82,12 @@ class ServerConfig:
             raise ValueError(f"port: {self.port} is not a valid port")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError("max_model_len must be positive")
+        for name in ("max_request_bytes", "max_messages", "max_text_chars"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive (or unset for the default)")
+        for name in ("max_connections", "header_timeout_s", "body_timeout_s", "keep_alive_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
         for name in ("train_sampling", "validation_sampling"):
             s = getattr(self, name)
             if s.temperature < 0 or not 0 < s.top_p <= 1:

@@ -33,7 +33,7 @@ def engine_args(cfg: ServerConfig):
         model=cfg.model,
         tokenizer=cfg.model,
         served_model_name=cfg.model_name,
-        dtype=cfg.dtype,
+        dtype=checkpoint_dtype(cfg),
         max_model_len=cfg.max_model_len,
         enforce_eager=cfg.enforce_eager,
         seed=cfg.seed,
@@ -51,6 +51,24 @@ def engine_args(cfg: ServerConfig):
         kwargs.update(engine_kwargs(cfg.weight_sync))
     kwargs.update(cfg.engine_args)  # anything else AsyncEngineArgs takes
     return AsyncEngineArgs(**kwargs)
+
+
+def checkpoint_dtype(cfg: ServerConfig) -> str:
+    """`dtype: auto` -> the checkpoint's own dtype (config.json `torch_dtype` / `dtype`).
+
+    vLLM's "auto" serves an fp32 checkpoint in bf16 (logprobs then differ from the trainer's by
+    ~1e-3); a training server must run the weights it is given unless told otherwise."""
+    import json
+    from pathlib import Path
+
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    try:
+        hf = json.loads((Path(cfg.model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "auto"
+    found = hf.get("torch_dtype") or hf.get("dtype") or (hf.get("text_config") or {}).get("torch_dtype")
+    return str(found).removeprefix("torch.") if found else "auto"
 
 
 def has_cuda() -> bool:

@@ -4,7 +4,10 @@ Owns: the one `free_port`, the `megagym serve` command line (`serve_argv`, also 
 `megagym cluster serve`), launching the server in its own process group on 127.0.0.1, waiting (bounded) for
 `/health`, and stopping it: SIGTERM to the server's main PID first (so the engine shuts down in
 order and in-flight requests finish or fail cleanly), then SIGKILL to the whole group for
-anything left. The caller gets the base URL (no `/v1`) and the log path.
+anything left. The caller gets the base URL (no `/v1`) and the log path. An `api_key=...`
+override never reaches the command line (`ps` shows it to every user): `serve_argv` leaves it out
+and returns it for the child's environment (`MEGAGYM_API_KEY`, readable only by its owner), which
+`megagym serve` reads.
 Must not: pick models or settings beyond what it is given (the KV-cache size travels in the
 overrides, as `ServerConfig.kv_cache_gib`); import vLLM. Several servers for a run: launch/servers.py.
 """
@@ -21,6 +24,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megagym.server.cli import API_KEY_ENV
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nothing listens on right now at `host` (the caller must still handle losing a race)."""
@@ -29,10 +34,27 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def serve_argv(model_path: str, host: str, port: int, overrides: list[str]) -> list[str]:
-    """The `megagym serve` command line for one server."""
-    return [sys.executable, "-m", "megagym.cli", "serve", "--model", str(model_path),
-            "--host", host, "--port", str(port), *overrides]
+def serve_argv(model_path: str, host: str, port: int, overrides: list[str]) -> tuple[list[str], dict]:
+    """The `megagym serve` command line for one server, and the environment it needs beside it
+    (the API key, which must not appear on a command line)."""
+    rest, api_key = split_api_key(overrides)
+    argv = [sys.executable, "-m", "megagym.cli", "serve", "--model", str(model_path),
+            "--host", host, "--port", str(port), *rest]
+    return argv, ({API_KEY_ENV: api_key} if api_key else {})
+
+
+def split_api_key(overrides: list[str]) -> tuple[list[str], str | None]:
+    """(`overrides` without any `api_key=...`, the key as `megagym serve` would have parsed it)."""
+    from megagym.config.loader import parse_override
+
+    rest, key = [], None
+    for text in overrides:
+        path, value = parse_override(text)
+        if path == ["api_key"]:
+            key = None if value in (None, "") else str(value)
+        else:
+            rest.append(text)
+    return rest, key
 
 
 class PortTaken(RuntimeError):
@@ -68,9 +90,11 @@ class ServerProcess:
 
     def _start_once(self, timeout_s: float) -> "ServerProcess":
         self.port = self.port or free_port()
-        cmd = self.command or self.argv()
+        cmd, key_env = (self.command, {}) if self.command else self.argv()
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                **self.env}
+        env.pop(API_KEY_ENV, None)
+        env.update(key_env)
         self.log_path = Path(self.log_path or f"/tmp/megagym-serve-{self.port}.log")
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -96,8 +120,9 @@ class ServerProcess:
         self.stop()
         raise TimeoutError(f"server not healthy after {timeout_s:.0f}s; log:\n{self.tail()}")
 
-    def argv(self) -> list[str]:
-        """The server's command line once its port is known (subclasses start other apps)."""
+    def argv(self) -> tuple[list[str], dict]:
+        """The server's command line once its port is known, and the environment it needs beside
+        it (subclasses start other apps)."""
         return serve_argv(self.model_path, "127.0.0.1", self.port, self.overrides)
 
     def health_url(self) -> str:

@@ -4,8 +4,12 @@ Owns: checking a chat request's sampling fields against `ServerConfig` and produ
 arguments of vLLM's `SamplingParams`. Off-policy sampling is a silent training bug, so anything
 that changes the sampling distribution away from the configured pairs is refused with a
 `RequestError` naming the field (HTTP 400): temperature/top_p outside the allowed pairs, top_k,
-min_p, penalties, logit_bias, min_tokens, ignore_eos. Unset temperature/top_p take the training
-values (never the model's generation_config defaults, which vLLM would otherwise apply).
+min_p, penalties, logit_bias, min_tokens, ignore_eos, structured output (`response_format` other
+than text), and the output-shaping fields the server does not honour (`continue_final_message`,
+`echo`, `include_stop_str_in_output`, `skip_special_tokens=false`, `stream_options`). Fields the
+server does not know at all never get here (protocol.py refuses them by name). Stop strings must
+be non-empty and bounded. Unset temperature/top_p take the training values (never the model's
+generation_config defaults, which vLLM would otherwise apply).
 Must not: import vLLM (the engine module builds `SamplingParams` from the returned dict).
 """
 
@@ -26,6 +30,8 @@ class RequestError(ValueError):
         self.status = status
 
 
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
 _NEUTRAL = {"min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "min_tokens": 0}
 
 
@@ -47,6 +53,17 @@ def check_sampling(req: ChatCompletionRequest, cfg: ServerConfig) -> dict:
         raise RequestError("logit_bias: not allowed; it would sample off-policy", "logit_bias")
     if req.ignore_eos:
         raise RequestError("ignore_eos: not allowed; it would sample off-policy", "ignore_eos")
+    if req.response_format is not None and req.response_format != {"type": "text"}:
+        raise RequestError("response_format: only {\"type\": \"text\"} is accepted; structured output "
+                           "(guided decoding) samples from another distribution than the trainer recomputes",
+                           "response_format")
+    for name, honoured in (("continue_final_message", False), ("echo", False), ("include_stop_str_in_output", False),
+                           ("skip_special_tokens", True)):
+        value = getattr(req, name)
+        if value is not None and value != honoured:
+            raise RequestError(f"{name}: only {str(honoured).lower()} (or unset) is supported by this server", name)
+    if req.stream_options is not None:
+        raise RequestError("stream_options: streaming is not supported by this server", "stream_options")
     if req.n > 1 and req.wants_token_info:
         raise RequestError(
             f"n: must be 1 when token information is requested (logprobs / return_tokens_as_token_ids), got {req.n}",
@@ -73,11 +90,23 @@ def check_sampling(req: ChatCompletionRequest, cfg: ServerConfig) -> dict:
             field,
         )
 
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    stop = check_stop(req.stop)
     kwargs = dict(temperature=temperature, top_p=top_p, top_k=-1, n=req.n, seed=req.seed, stop=stop or None)
     if req.wants_token_info or req.logprobs:
         kwargs["logprobs"] = max(int(req.top_logprobs or 0), 0)
     return kwargs
+
+
+def check_stop(stop: str | list[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOP_STRINGS:
+        raise RequestError(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}", "stop")
+    for i, s in enumerate(stops):
+        if not s:
+            raise RequestError(f"stop[{i}]: an empty stop string would end every generation at once", "stop")
+        if len(s) > MAX_STOP_CHARS:
+            raise RequestError(f"stop[{i}]: longer than {MAX_STOP_CHARS} characters", "stop")
+    return stops
 
 
 def max_new_tokens(req: ChatCompletionRequest, prompt_len: int, max_model_len: int) -> int:

@@ -26,14 +26,31 @@ Two deliberate differences from the peers' implementation (NeMo RL `replace_pref
     prompt + generation exactly (for Qwen3's `<|im_end|>` this is identical to the peers' "drop
     a trailing EOS" rule; for another stop token such as `<|endoftext|>` it keeps contiguity).
 
-A prefix that cannot be matched raises `TokenFixError` (the server answers 400) with both decoded
-strings; there is never a silent fallback to re-tokenized text.
+What "the token fields match their messages" means (checked on every splice, else 400):
+  * the spliced message's token ids are integers in the vocabulary and its logprobs finite
+    numbers, one per generated token (fields on earlier assistant messages are not used);
+  * the model prefix holds the same turns as the messages up to the spliced message: split both at
+    the turn ends, turn s of the ids and turn s of the template rendering are both assistant turns
+    (they start with the template's assistant header) or both not;
+  * every turn that is not an assistant turn — system (with the tool specs the template renders
+    into it), user, tool results, and anything the template renders outside assistant turns — is
+    the same text: the ids decode to exactly the rendered text (or, for tokenizers whose decoding
+    does not round-trip, the rendered text tokenizes to exactly these ids);
+  * assistant turns are the model's own tokens, the source of truth by design: only the spliced
+    message itself is checked against its ids — each text part of its content, its reasoning and
+    its tool-call names must occur in the decoded `generation_token_ids` (the parsers only cut the
+    generation into these pieces). Earlier assistant messages are not re-checked: their text is
+    not used, their ids are already inside `prompt_token_ids`.
+A mismatch raises `TokenFixError` (the server answers 400) showing both sides; there is never a
+silent fallback to re-tokenized text.
 
 Must not: import vLLM or touch the engine (unit-testable with only the tokenizer).
 """
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -69,17 +86,23 @@ class PromptIds:
     spliced: bool = False
 
 
-def _check_id_list(value: Any, where: str) -> list[int]:
-    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+def _check_id_list(value: Any, where: str, vocab_size: int | None) -> list[int]:
+    if not isinstance(value, list) or not set(map(type, value)) <= {int}:  # C-speed; bools are refused too
         raise TokenFixError(f"{where} must be a list of integer token ids")
+    if vocab_size is not None and value and (min(value) < 0 or max(value) >= vocab_size):
+        bad = next(t for t in value if not 0 <= t < vocab_size)
+        raise TokenFixError(f"{where}: id {bad} is outside the vocabulary [0, {vocab_size})")
     return value
 
 
-def find_prior_tokens(messages: Sequence[dict]) -> PriorTokens | None:
+def find_prior_tokens(messages: Sequence[dict], vocab_size: int | None = None) -> PriorTokens | None:
     """The token fields of the last assistant message carrying them, validated; None if none do.
 
-    A message with some but not all of the three fields, or fields of the wrong type, is an error
-    naming the message and the field. Fields on non-assistant messages are an error too.
+    A message with some but not all of the three fields, fields of the wrong type, or ids outside
+    `[0, vocab_size)` are an error naming the message and the field. Fields on non-assistant
+    messages are an error too. Fields on earlier assistant messages are not used (their ids are
+    inside the used message's `prompt_token_ids`) and not checked here: with Gym they sum to
+    turns x context ids, which would make the check cost grow with the square of the history.
     """
     for i, msg in enumerate(messages):
         if msg.get("role") != "assistant":
@@ -95,18 +118,37 @@ def find_prior_tokens(messages: Sequence[dict]) -> PriorTokens | None:
         missing = [f for f in TOKEN_FIELDS if f not in present]
         if missing:
             raise TokenFixError(f"{where}: token fields must come together; missing {', '.join(missing)}")
-        prompt = _check_id_list(msg["prompt_token_ids"], f"{where}.prompt_token_ids")
-        gen = _check_id_list(msg["generation_token_ids"], f"{where}.generation_token_ids")
+        prompt = _check_id_list(msg["prompt_token_ids"], f"{where}.prompt_token_ids", vocab_size)
+        gen = _check_id_list(msg["generation_token_ids"], f"{where}.generation_token_ids", vocab_size)
         logps = msg["generation_log_probs"]
         if not isinstance(logps, list) or len(logps) != len(gen):
             raise TokenFixError(
                 f"{where}.generation_log_probs must be a list as long as generation_token_ids "
                 f"({len(gen)}), got {len(logps) if isinstance(logps, list) else type(logps).__name__}"
             )
+        if not _finite_numbers(logps):
+            raise TokenFixError(f"{where}.generation_log_probs must hold finite numbers")
         if not prompt:
             raise TokenFixError(f"{where}.prompt_token_ids is empty")
         return PriorTokens(i, prompt, gen)
     return None
+
+
+def _finite_numbers(values: list) -> bool:
+    if any(isinstance(v, bool) for v in values):
+        return False
+    try:
+        return math.isfinite(math.fsum(values))  # NaN, +-inf and non-numbers all fail
+    except (TypeError, OverflowError):
+        return False
+
+
+def _content_parts(content: Any) -> list[str]:
+    if isinstance(content, str):
+        return [content]
+    if isinstance(content, list):
+        return [p if isinstance(p, str) else str(p.get("text", "")) for p in content if isinstance(p, (str, dict))]
+    return []
 
 
 def _content_to_text(content: Any, where: str) -> str:
@@ -152,8 +194,12 @@ class ChatTokenizer:
         chat_template: str | None = None,
         default_template_kwargs: dict | None = None,
         stop_ids: Iterable[int] = (),
+        vocab_size: int | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        self.vocab_size = int(vocab_size or len(tokenizer))
+        self._headers: dict[str, str] = {}
+        self._lengths: dict[str, int] = {}
         self.chat_template = chat_template
         self.default_template_kwargs = dict(default_template_kwargs or {})
         eos = tokenizer.eos_token_id
@@ -171,7 +217,31 @@ class ChatTokenizer:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+        backend = getattr(self.tokenizer, "_tokenizer", None)  # the Rust tokenizer: 2x faster than the wrapper
+        if backend is not None and hasattr(backend, "decode"):
+            return backend.decode(list(ids), skip_special_tokens=False)
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def decode_many(self, seqs: list[list[int]]) -> list[str]:
+        backend = getattr(self.tokenizer, "_tokenizer", None)
+        if backend is not None and hasattr(backend, "decode_batch"):
+            return backend.decode_batch(seqs, skip_special_tokens=False)
+        return [self.decode(ids) for ids in seqs]
+
+    def assistant_header(self, template_kwargs: dict | None = None) -> str:
+        """The first line of the generation prompt (`<|im_start|>assistant` + newline for ChatML):
+        how every assistant turn of a rendering starts. Empty if the template has none."""
+        key = json.dumps(template_kwargs or {}, sort_keys=True, default=str)
+        header = self._headers.get(key)
+        if header is None:
+            probe = [{"role": "user", "content": "x"}]
+            with_prompt = self.render(probe, template_kwargs=template_kwargs)
+            without = self.render(probe, add_generation_prompt=False, template_kwargs=template_kwargs)
+            gen = with_prompt[len(without):] if with_prompt.startswith(without) else ""
+            header = gen[: gen.index("\n") + 1] if "\n" in gen else gen
+            if len(self._headers) < 16:  # bounded: kwargs come from requests
+                self._headers[key] = header
+        return header.lstrip()
 
     def render(
         self,
@@ -205,7 +275,7 @@ class ChatTokenizer:
         add_generation_prompt: bool = True,
     ) -> PromptIds:
         """The engine prompt for a chat request, with the on-policy fix when token fields exist."""
-        prior = find_prior_tokens(messages)
+        prior = find_prior_tokens(messages, self.vocab_size)
         msgs = template_messages(messages)
         full = self.render(msgs, tools=tools, add_generation_prompt=add_generation_prompt, template_kwargs=template_kwargs)
         if prior is None:
@@ -217,6 +287,8 @@ class ChatTokenizer:
         cut = _nth_index(full, self.turn_end_text, k)
         model_prefix = prior.model_prefix
         self._check_prefix(prior, model_prefix, k, cut, prefix, full)
+        self._check_turns(prior, model_prefix, prefix, self.assistant_header(template_kwargs))
+        self._check_spliced_message(prior, messages[prior.index])
         if model_prefix[-1] in self.stop_ids:
             tail = full[cut + len(self.turn_end_text) :]
         else:
@@ -250,6 +322,71 @@ class ChatTokenizer:
                 f"model prefix (decoded): {_tail(self.decode(model_prefix))!r}\n"
                 f"template prefix (decoded): {_tail(prefix)!r}"
             )
+
+
+    def _check_turns(self, prior: PriorTokens, model_prefix: list[int], prefix: str, header: str) -> None:
+        """Turn by turn: the same kind of turn on both sides, and the same text outside assistant turns."""
+        core = model_prefix[:-1] if model_prefix[-1] in self.stop_ids else model_prefix
+        parts = prefix.split(self.turn_end_text)  # k turns (each ended by a turn end) + what follows
+        turns, start = [], 0
+        for s in range(len(parts) - 1):
+            end = core.index(self.turn_end_id, start) if s < len(parts) - 2 else len(core)
+            rendered = parts[s]
+            if header and rendered.lstrip().startswith(header):  # assistant: compare the header only
+                lead = rendered[: rendered.index(header) + len(header)]
+                turns.append((s, "an assistant turn in the messages", core[start: start + self._id_len(lead) + 1], lead))
+            else:
+                turns.append((s, "not an assistant turn", core[start:end], rendered))
+            start = end + 1
+        decoded = self.decode_many([ids for _, _, ids, _ in turns])  # one call: the per-call overhead dominates
+        for (s, kind, ids, rendered), got in zip(turns, decoded):
+            if kind.startswith("an assistant"):
+                if not got.startswith(rendered):
+                    self._turn_mismatch(prior, s, kind, got, rendered)
+            elif got != rendered and self.encode(rendered) != ids:
+                self._turn_mismatch(prior, s, kind, got, rendered)
+
+    def _id_len(self, text: str) -> int:
+        n = self._lengths.get(text)
+        if n is None:
+            n = len(self.encode(text))
+            if len(self._lengths) < 64:
+                self._lengths[text] = n
+        return n
+
+    def _turn_mismatch(self, prior: PriorTokens, s: int, kind: str, got: str, rendered: str) -> None:
+        at = next((j for j, (a, b) in enumerate(zip(got, rendered)) if a != b), min(len(got), len(rendered)))
+        raise TokenFixError(
+            f"messages[{prior.index}]: prompt_token_ids + generation_token_ids do not match the messages up to "
+            f"this one: turn {s} ({kind}) differs at character {at} (system prompt, tools, a user or tool "
+            f"message changed since that call, or the fields come from another conversation).\n"
+            f"from the token fields (decoded): {_around(got, at)!r}\n"
+            f"from the messages (rendered):    {_around(rendered, at)!r}"
+        )
+
+    def _check_spliced_message(self, prior: PriorTokens, msg: dict) -> None:
+        """The spliced message's text must come from its own generation (else it was edited)."""
+        pieces = [("content", p) for p in _content_parts(msg.get("content"))]
+        pieces += [(f, msg.get(f)) for f in ("reasoning_content", "reasoning") if isinstance(msg.get(f), str)]
+        pieces += [("tool_calls.function.name", (c.get("function") or {}).get("name"))
+                   for c in msg.get("tool_calls") or () if isinstance(c, dict)]
+        pieces = [(f, p.strip()) for f, p in pieces if isinstance(p, str) and p.strip()]
+        if not pieces:
+            return
+        generated = self.decode(prior.generation_token_ids)
+        for field, piece in pieces:
+            if piece not in generated:
+                raise TokenFixError(
+                    f"messages[{prior.index}].{field}: this text is not in the decoded generation_token_ids of the "
+                    f"message (edited after the call that produced the ids?).\n"
+                    f"from the token fields (decoded): {_tail(generated)!r}\n"
+                    f"from the message:                {_tail(piece)!r}"
+                )
+
+
+def _around(text: str, at: int) -> str:
+    lo = max(0, at - _SHOW_CHARS // 2)
+    return ("..." if lo else "") + text[lo: at + _SHOW_CHARS // 2] + ("..." if at + _SHOW_CHARS // 2 < len(text) else "")
 
 
 def _nth_index(text: str, needle: str, n: int) -> int:
@@ -288,7 +425,7 @@ def prompt_ids_reference(
     chat: ChatTokenizer, messages: Sequence[dict], *, tools: list | None = None, template_kwargs: dict | None = None
 ) -> list[int]:
     """The peers' full-history algorithm: render and tokenize everything twice."""
-    prior = find_prior_tokens(messages)
+    prior = find_prior_tokens(messages, chat.vocab_size)
     msgs = template_messages(messages)
     full_ids = chat.encode(chat.render(msgs, tools=tools, template_kwargs=template_kwargs))
     if prior is None:

@@ -126,9 +126,9 @@ class VLLMTestServer(ServerProcess):
     def url(self) -> str:
         return self.base_url
 
-    def argv(self) -> list[str]:
+    def argv(self) -> tuple[list[str], dict]:
         return [sys.executable, "-m", "megagym.testing.vllm_app", "--model", str(self.model_path),
-                "--port", str(self.port), "--backend", self.backend, *self.extra_args]
+                "--port", str(self.port), "--backend", self.backend, *self.extra_args], {}
 
     def score(self, prompts: list[list[int]]) -> list[list[float]]:
         import requests

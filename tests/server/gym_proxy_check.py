@@ -57,8 +57,14 @@ def converse(client, turns: int) -> int:
             return 1
         previous = prompt + gen
         calls.append({"prompt": len(prompt), "gen": len(gen), "types": [o["type"] for o in output]})
-        if turn == 1:  # as if the model had reasoned: Gym turns this into <think> / reasoning_content
-            output = [{"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "Thinking."}]}] + output
+        said = "".join(part.get("text", "") for item in output if item.get("type") == "message"
+                       for part in item.get("content") or []).split()
+        if turn == 1 and said:
+            # as if the model had reasoned: Gym turns this into <think> / reasoning_content. The random
+            # model cannot reason, so a piece of its own output is the reasoning: the server refuses a
+            # message text that is not in the message's generated ids (an edited message)
+            summary = [{"type": "summary_text", "text": said[0]}]
+            output = [{"type": "reasoning", "id": "rs_1", "summary": summary}] + output
         items = items + output + [{"role": "user", "content": f"And on day {turn + 1}?"}]
     # over the context length: Gym must end the trajectory cleanly (empty output, length)
     huge = items + [{"role": "user", "content": "word " * 6000}]

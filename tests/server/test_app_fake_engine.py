@@ -149,3 +149,186 @@ def test_vllm_parsers_split_reasoning_and_tool_calls(tiny_qwen3):
     assert msg["content"].strip() == "Let me check."
     assert choice["finish_reason"] == "tool_calls"
     assert msg["generation_token_ids"] == gen
+
+
+# -- weight routes under malformed bodies (FakeLLM records the engine calls) ----------------------
+
+
+class FakeSyncLLM(FakeLLM):
+    """FakeLLM plus the weight-transfer calls of vLLM's AsyncLLM, recorded; nothing is moved."""
+
+    def __init__(self, tok):
+        super().__init__(tok)
+        self.vllm_config = SimpleNamespace(parallel_config=SimpleNamespace(world_size_across_dp=1))
+
+    async def init_weight_transfer_engine(self, request):
+        self.calls.append("init")
+
+    async def start_weight_update(self):
+        self.calls.append("start_update")
+
+    async def update_weights(self, request):
+        self.calls.append("update")
+
+    async def finish_weight_update(self, weight_version=None):
+        self.calls.append("finish_update")
+
+    async def collective_rpc(self, name, *args, **kwargs):
+        self.calls.append(name)
+
+
+@pytest.fixture(scope="module")
+def sync_server(tiny_qwen3):
+    from transformers import AutoTokenizer
+
+    cfg = ServerConfig(model=str(tiny_qwen3), weight_sync="shm")
+    llm = FakeSyncLLM(AutoTokenizer.from_pretrained(str(tiny_qwen3)))
+
+    async def factory(c):
+        return llm
+
+    with TestClient(create_app(cfg, engine_factory=factory)) as client:
+        assert client.post("/weights/init", json={"init_info": {}}).status_code == 200
+        yield client, llm
+
+
+@pytest.fixture()
+def sync_app(sync_server):
+    """The module's app with no update in progress and an empty call record."""
+    client, llm = sync_server
+    client.post("/weights/abort")
+    llm.calls.clear()
+    return client, llm
+
+
+def paused(llm) -> bool:
+    pauses = [i for i, c in enumerate(llm.calls) if c.startswith("pause")]
+    resumes = [i for i, c in enumerate(llm.calls) if c == "resume"]
+    return bool(pauses) and (not resumes or resumes[-1] < pauses[-1])
+
+
+@pytest.mark.parametrize("body", [b"garbage", b"[1, 2]", b'{"pause_mode": 5}', b'{"pause_mode": "later"}',
+                                  b'{"pause_mode": "wait", "extra": 1}', b'{"pause_mode": NaN}'])
+def test_malformed_start_never_starts_an_update(sync_app, body):
+    client, llm = sync_app
+    r = client.post("/weights/start", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]
+    assert "start_update" not in llm.calls and not paused(llm)
+    assert client.get("/weights/info").json()["active"] is False
+
+
+@pytest.mark.parametrize("path, body", [("/weights/update", b"garbage"), ("/weights/update", b'{"update_info": 3}'),
+                                        ("/weights/update", b"{}"), ("/weights/update", b'{"update_info": [1]}'),
+                                        ("/weights/finish", b'{"weight_version": "x"}')])
+def test_malformed_body_during_an_update_abandons_it_and_resumes(sync_app, path, body):
+    client, llm = sync_app
+    version = client.get("/weights/info").json()["weight_version"]
+    assert client.post("/weights/start", json={"pause_mode": "wait"}).status_code == 200
+    assert paused(llm)
+    r = client.post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "abandoned and serving resumed" in r.json()["error"]
+    assert not paused(llm) and "megagym_abort_weight_update" in llm.calls
+    info = client.get("/weights/info").json()
+    assert info["active"] is False and info["weight_version"] == version
+    # and a well-formed update still works afterwards
+    assert client.post("/weights/start", json={}).status_code == 200
+    assert client.post("/weights/update", json={"update_info": {"names": []}}).status_code == 200
+    assert client.post("/weights/finish", json={"weight_version": version + 1}).json()["weight_version"] == version + 1
+    assert not paused(llm)
+
+
+def test_weight_routes_fuzzed(sync_app):
+    """Generated bodies on every weight route: never a 5xx, never left paused or mid-update."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    client, llm = sync_app
+    values = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=8)),
+                          lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                  st.dictionaries(st.text(max_size=6), inner, max_size=3)), max_leaves=8)
+    bodies = st.one_of(values, st.fixed_dictionaries({}, optional={
+        "pause_mode": values, "update_info": values, "weight_version": values, "init_info": values}))
+    @settings(max_examples=80, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+    @given(steps=st.lists(st.tuples(st.sampled_from(["init", "start", "update", "finish", "abort"]), bodies),
+                          min_size=1, max_size=4))
+    def run(steps):
+        for route, body in steps:
+            r = client.post(f"/weights/{route}", json=body)
+            assert r.status_code < 500, r.text
+        client.post("/weights/abort")  # what a trainer does after its own failure
+        assert not paused(llm) and client.get("/weights/info").json()["active"] is False
+
+    run()
+
+
+# -- the API key stays off command lines ------------------------------------------------------------
+
+
+def test_server_process_moves_the_api_key_into_the_environment(tiny_qwen3, tmp_path, monkeypatch):
+    from megagym.server import process
+
+    seen = {}
+
+    class RecordingPopen:  # fake: records what would be executed, exits at once
+        def __init__(self, cmd, env, **kw):
+            seen.update(cmd=cmd, env=env)
+            self.returncode, self.pid = 1, 0
+
+        def poll(self):
+            return 1
+
+    monkeypatch.setattr(process.subprocess, "Popen", RecordingPopen)
+    monkeypatch.setattr(process.os, "killpg", lambda *a: None)
+    sp = process.ServerProcess(str(tiny_qwen3), overrides=['dtype="float32"', 'api_key="s3cret key"'],
+                               log_path=tmp_path / "serve.log")
+    with pytest.raises(RuntimeError):
+        sp.start(timeout_s=5, attempts=1)
+    assert not any("s3cret" in part for part in seen["cmd"])
+    assert seen["env"]["MEGAGYM_API_KEY"] == "s3cret key" and 'dtype="float32"' in seen["cmd"]
+
+
+def test_serve_cli_reads_the_key_from_env_or_owner_only_file(tmp_path, monkeypatch):
+    import os
+
+    from megagym.config import ConfigError
+    from megagym.server.cli import parse
+
+    monkeypatch.setenv("MEGAGYM_API_KEY", "from-env")
+    cfg, _ = parse(["--model", "/m"])
+    assert cfg.api_key == "from-env" and "MEGAGYM_API_KEY" not in os.environ  # engine children do not inherit it
+    key = tmp_path / "key"
+    key.write_text("from-file\n")
+    key.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        parse(["--model", "/m", "--api-key-file", str(key)])
+    key.chmod(0o600)
+    assert parse(["--model", "/m", "--api-key-file", str(key)])[0].api_key == "from-file"
+    assert parse(["--model", "/m"])[0].api_key is None
+
+
+def test_dtype_auto_is_the_checkpoint_dtype(tiny_qwen3, tmp_path):
+    import json
+
+    from megagym.server.engine import checkpoint_dtype
+
+    assert checkpoint_dtype(ServerConfig(model=str(tiny_qwen3))) == "float32"
+    assert checkpoint_dtype(ServerConfig(model=str(tiny_qwen3), dtype="bfloat16")) == "bfloat16"
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": "bfloat16"}))
+    assert checkpoint_dtype(ServerConfig(model=str(tmp_path))) == "bfloat16"
+
+
+def test_engine_refusals_are_400_naming_the_field(fake):
+    """vLLM's own validation errors (not ValueError subclasses) map to 400 with vLLM's parameter."""
+    from vllm.exceptions import VLLMValidationError
+
+    client, llm = fake
+    auth = {"authorization": "Bearer sekrit"}
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for exc, param in ((VLLMValidationError("bad stop", parameter="stop"), "stop"), (ValueError("too long"), "messages")):
+        async def refuse(prompt, params, request_id, exc=exc):
+            raise exc
+            yield  # an async generator, like AsyncLLM.generate
+
+        llm.generate = refuse
+        r = client.post("/v1/chat/completions", headers=auth, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

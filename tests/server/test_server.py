@@ -27,12 +27,6 @@ SKI, NNY = [60495], [77, 3834]  # " Ski" + "n" + "ny" -> " Skinny" -> re-tokeniz
 
 
 @pytest.fixture(scope="module")
-def client(policy_server):
-    with httpx.Client(base_url=policy_server.base_url, timeout=120) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def tok(policy_server):
     from transformers import AutoTokenizer
 
@@ -143,7 +137,10 @@ def test_multi_turn_tools_prefix_invariant(client, tok):
             retokenized_differently += 1
         if turn == 1:
             # a reasoning turn that Qwen3's template drops from history once a new user turn follows
+            # (the reasoning is part of the generated ids, as the reasoning parser would have cut it)
+            gen = tok.encode("<think>\nLet me think about Paris weather.\n</think>\n\n", add_special_tokens=False) + gen
             hist = as_history(msg, reasoning_content="Let me think about Paris weather.")
+            hist.update(generation_token_ids=gen, generation_log_probs=[-1.0] * len(gen))
             messages += [hist, {"role": "user", "content": "And Lyon?"}]
         elif turn == 2:
             # the merged-token case: the model sampled " Ski"+"n"+"ny"; the text re-tokenizes to " Skinny"
@@ -154,13 +151,19 @@ def test_multi_turn_tools_prefix_invariant(client, tok):
         else:
             call = {"id": f"call_{turn}", "type": "function",
                     "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}
-            messages += [as_history(msg, tool_calls=[call]),
+            # the random model cannot call tools: append the call to its tokens, as a model would write it
+            gen = gen + tok.encode('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+                                   add_special_tokens=False)
+            hist = as_history(msg, tool_calls=[call])
+            hist.update(generation_token_ids=gen, generation_log_probs=[-1.0] * len(gen))
+            messages += [hist,
                          {"role": "tool", "tool_call_id": f"call_{turn}", "content": f"sunny, {20 + turn}C"}]
         previous = prompt + gen
     assert retokenized_differently >= 1  # the random model did produce the adversarial case
-    # the template really stripped the reasoning of history
+    # the reasoning is in the prompt once: from the model's own ids (the template, which strips it
+    # from history, did not render it a second time)
     rendered = tok.decode(client.post("/tokenize", json={"messages": messages, "tools": TOOLS}).json()["tokens"])
-    assert "Let me think about Paris weather." not in rendered
+    assert rendered.count("Let me think about Paris weather.") == 1
     # the merged tokens survive verbatim in the final prompt
     final = chat(client, messages, tools=TOOLS, max_tokens=2)["choices"][0]["message"]["prompt_token_ids"]
     assert final[: len(previous)] == previous

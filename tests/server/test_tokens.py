@@ -172,3 +172,67 @@ def test_mismatch_error_shows_both_strings(chat):
 
 def test_find_prior_tokens_none(chat):
     assert find_prior_tokens([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]) is None
+
+
+# -- token fields must match their messages (tokens.py's definition of "match") -------------------
+
+
+def two_turns(chat, tools=None, system="be brief", user="weather?"):
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    p1 = chat.prompt_ids(msgs, tools=tools).token_ids
+    gen = chat.encode("Let me check.") + [chat.turn_end_id]
+    return msgs + [assistant(p1, gen, "Let me check.", chat), {"role": "user", "content": "and Lyon?"}]
+
+
+@pytest.mark.parametrize(
+    "mutate, expect",
+    [
+        (lambda m, c: m[0].update(content="be verbose"), "turn 0 (not an assistant turn) differs"),
+        (lambda m, c: m[1].update(content="weather in Paris?"), "turn 1 (not an assistant turn) differs"),
+        (lambda m, c: m[2].update(content="I will not check."), "messages[2].content: this text is not in the decoded"),
+        (lambda m, c: m[2].update(reasoning_content="secret plan"), "messages[2].reasoning_content"),
+        (lambda m, c: m[2].update(tool_calls=[{"id": "x", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]),
+         "messages[2].tool_calls.function.name"),
+        # the ids of another conversation with the same shape
+        (lambda m, c: m[2].update(prompt_token_ids=two_turns(c, user="what time is it?")[2]["prompt_token_ids"]),
+         "turn 1 (not an assistant turn) differs"),
+    ],
+)
+def test_fields_must_match_their_messages(chat, mutate, expect):
+    msgs = two_turns(chat)
+    assert chat.prompt_ids(msgs).spliced  # unchanged: accepted
+    mutate(msgs, chat)
+    with pytest.raises(TokenFixError) as e:
+        chat.prompt_ids(msgs)
+    assert expect in str(e.value)
+    assert "from the token fields (decoded)" in str(e.value)
+
+
+def test_tools_added_after_the_call_are_refused(chat):
+    msgs = two_turns(chat)  # the call was made without tools
+    with pytest.raises(TokenFixError, match="turn 0 .not an assistant turn. differs") as e:
+        chat.prompt_ids(msgs, tools=TOOLS)
+    assert "# Tools" in str(e.value)  # the rendered side shows the tool spec the ids lack
+    assert chat.prompt_ids(two_turns(chat, tools=TOOLS), tools=TOOLS).spliced  # same tools on both calls: fine
+
+
+@pytest.mark.parametrize(
+    "field, value, expect",
+    [
+        ("generation_token_ids", [-1], "id -1 is outside the vocabulary"),
+        ("generation_token_ids", [2**70], "outside the vocabulary"),
+        ("prompt_token_ids", [151645, 10**9], "outside the vocabulary"),  # turn count differs too
+        ("generation_token_ids", [True], "must be a list of integer token ids"),
+        ("generation_log_probs", [float("nan")] * 4, "finite"),
+        ("generation_log_probs", ["x"] * 4, "finite"),
+    ],
+)
+def test_token_fields_checked_before_use(chat, field, value, expect):
+    msgs = two_turns(chat)
+    if field == "generation_log_probs":
+        value = value[:1] * len(msgs[2]["generation_token_ids"])
+    elif field == "generation_token_ids":
+        msgs[2]["generation_log_probs"] = [-1.0] * len(value)
+    msgs[2][field] = value
+    with pytest.raises(TokenFixError, match=expect):
+        chat.prompt_ids(msgs)
