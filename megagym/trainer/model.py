@@ -148,15 +148,28 @@ def layer_spec(arch: HFArch, which: str = "auto"):
     return specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
 
 
+def activation_kwargs(parallel) -> dict:
+    """TransformerConfig kwargs for `parallel:`'s sequence parallelism and activation recomputation."""
+    kw: dict[str, Any] = {"sequence_parallel": parallel.sequence_parallel}
+    if parallel.recompute == "full":
+        kw.update(recompute_granularity="full", recompute_method=parallel.recompute_method,
+                  recompute_num_layers=parallel.recompute_num_layers)
+    elif parallel.recompute == "selective":
+        kw.update(recompute_granularity="selective", recompute_modules=["core_attn"])
+    return kw
+
+
 def build_gpt_model(arch: HFArch, dtype: torch.dtype = torch.float32, which_spec: str = "auto",
-                    divisible_by: int = 128):
-    """The local pipeline stage of a GPTModel for `arch` under the current parallel state."""
+                    divisible_by: int = 128, **config_kwargs: Any):
+    """The local pipeline stage of a GPTModel for `arch` under the current parallel state.
+
+    `config_kwargs` go to the TransformerConfig (e.g. `activation_kwargs(cfg.parallel)`)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    config = transformer_config(arch, tp, pp, dtype)
+    config = transformer_config(arch, tp, pp, dtype, **config_kwargs)
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(arch, which_spec),
