@@ -15,6 +15,25 @@ from __future__ import annotations
 import torch
 
 
+class _CopyToTensorParallel(torch.autograd.Function):
+    """Identity forward; backward all-reduces the gradient over the TP ranks.
+
+    Not Megatron's `copy_to_tensor_model_parallel_region`: its backward all-reduces
+    `grad.contiguous()` and returns `grad`, so a non-contiguous gradient (this one comes back
+    through GPTModel's `transpose(0, 1)`) silently stays un-reduced."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 def defer_output_layer(gpt) -> None:
     """Make `gpt.output_layer` (last pipeline stage only) return (hidden [s, b, h], None)."""
     layer = getattr(gpt, "output_layer", None)
@@ -23,11 +42,14 @@ def defer_output_layer(gpt) -> None:
     sequence_parallel = bool(gpt.config.sequence_parallel)
 
     def forward(hidden, weight=None, runtime_gather_output=None):
+        from megatron.core import parallel_state
         from megatron.core import tensor_parallel as tpl
 
         if sequence_parallel:  # [s/tp, b, h] -> [s, b, h]; backward reduce-scatters the gradient
             return tpl.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True), None
-        return tpl.copy_to_tensor_model_parallel_region(hidden), None  # backward all-reduces over TP
+        if parallel_state.get_tensor_model_parallel_world_size() == 1:
+            return hidden, None
+        return _CopyToTensorParallel.apply(hidden, parallel_state.get_tensor_model_parallel_group()), None
 
     layer.forward = forward
 

@@ -170,9 +170,14 @@ def build_gpt_model(arch: HFArch, dtype: torch.dtype = torch.float32, which_spec
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     config = transformer_config(arch, tp, pp, dtype, **config_kwargs)
+    spec = layer_spec(arch, which_spec)
+    if config.sequence_parallel:
+        from megagym.trainer.sp_norm import local_block_spec
+
+        spec = local_block_spec(spec, config)  # no-op for TE's norms; see sp_norm.py
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(arch, which_spec),
+        transformer_layer_spec=spec,
         vocab_size=padded_vocab_size(arch.vocab_size, divisible_by, tp),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
