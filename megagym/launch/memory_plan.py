@@ -13,8 +13,10 @@ Activations per token and layer are counted from what the layer's autograd graph
 et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", adapted to RMSNorm,
 SwiGLU, grouped-query attention and no dropout): the norm inputs and outputs, q/k/v and the
 rotated q/k, the attention output, the SwiGLU inputs and output; plus, for the local spec's
-unfused attention, the heads x row-length softmax (float32), which flash attention (the TE
-spec) does not keep. Full recomputation keeps each recomputed chunk's input and holds one chunk's
+unfused attention, the heads x row-length scores: the float32 softmax, the output of the
+attention dropout (Megatron calls it even at p = 0, and torch then still copies) and its byte
+mask — 9 bytes a score in fp32, which is why the local spec costs ~3x the formula on CPU;
+flash attention (the TE spec) keeps none of them. Full recomputation keeps each recomputed chunk's input and holds one chunk's
 activations during its backward. `bench/train_memory.py` checks the estimate against measured peaks.
 """
 
@@ -28,7 +30,7 @@ GIB = 1 << 30
 # What a process holds besides the terms below. GPU: CUDA context, NCCL buffers and the caching
 # allocator's slack. CPU: the Python process with torch and megatron-core imported and the
 # allocator's slack (measured by bench/train_memory.py on the tiny models).
-RUNTIME_BYTES = {"gpu": 3 * GIB, "cpu": 0.55 * GIB}
+RUNTIME_BYTES = {"gpu": 3 * GIB, "cpu": 0.5 * GIB}
 FRAGMENTATION = {"gpu": 0.10, "cpu": 0.05}  # extra share of the activation + logits terms
 
 
@@ -107,8 +109,8 @@ def layer_activation_bytes(a, tokens: int, row_len: int, tp: int, sp: bool, dtyp
     per_token = (replicated + split) * dtype_bytes
     if flash:
         per_token += 2 * a.num_heads / tp * 4       # softmax statistics
-    elif attention_kept:
-        per_token += a.num_heads / tp * row_len * 4  # float32 softmax of the unfused attention
+    elif attention_kept:  # unfused attention: float32 softmax, its dropout copy (p = 0 still copies) + mask
+        per_token += a.num_heads / tp * row_len * (4 + dtype_bytes + 1)
     return per_token * tokens
 
 
@@ -117,7 +119,8 @@ def estimate(arch, cfg, nproc: int = 1, device_bytes: float | None = None, kind:
     """The plan for the worst pipeline stage of `cfg` on `nproc` trainer ranks.
 
     `arch` is megagym.trainer.model.HFArch; `kind` "gpu" or "cpu" picks the runtime overhead;
-    `flash` (default: kind == "gpu" and layer_spec != "local") whether attention keeps no scores;
+    `flash` whether attention keeps no scores (default: layer_spec "te", or "auto" on a GPU, where
+    transformer-engine is expected; the local spec's attention is unfused);
     `max_sample_tokens` the longest sample (default: the servers' max_model_len, else the model's
     context), which is the longest padded row."""
     from megagym.trainer.model import padded_vocab_size
@@ -126,7 +129,8 @@ def estimate(arch, cfg, nproc: int = 1, device_bytes: float | None = None, kind:
     tp, pp = par.tensor_parallel, par.pipeline_parallel
     dp = max(1, nproc // (tp * pp))
     dtype_bytes = 2 if cfg.model.dtype == "bfloat16" else 4
-    flash = (kind == "gpu" and cfg.model.layer_spec != "local") if flash is None else flash
+    if flash is None:
+        flash = cfg.model.layer_spec == "te" or (cfg.model.layer_spec == "auto" and kind == "gpu")
     vocab = padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, tp)
     tokens = opt.micro_batch_tokens
     longest = max_sample_tokens or int(cfg.servers.settings.get("max_model_len") or arch.max_position_embeddings)
