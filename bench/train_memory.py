@@ -125,7 +125,7 @@ def child_packing(spec: dict) -> dict:
 
     torch.set_num_threads(2)
     samples = make_samples(skewed_lengths(spec["n"]), seed=1)
-    pol = {k: Policy.build(build_cfg(spec["hf"], {}, {"pack_sequences": k == "packed", "logprob_chunk_tokens": 1024}))
+    pol = {k: Policy.build(build_cfg(spec["hf"], {}, {"pack_sequences": k == "packed", "logprob_chunk_tokens": 512}))
            for k in ("padded", "packed")}
     times: dict[str, list[float]] = {k: [] for k in pol}
     losses = {}
@@ -191,7 +191,7 @@ def part_packing(dirs: dict, n: int, steps: int) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--part", choices=["all", "memory", "packing"], default="all")
-    p.add_argument("--samples", type=int, default=32, help="packing: samples in the skewed batch")
+    p.add_argument("--samples", type=int, default=24, help="packing: samples in the skewed batch")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
