@@ -47,7 +47,7 @@ class _ChunkedLogprob(torch.autograd.Function):
         n, local = hidden.shape[0], weight.shape[0]
         start = rank * local
         valid = min(max(true_vocab - start, 0), local)  # this rank's real (non-padding) columns
-        chunk = n if chunk <= 0 else min(chunk, max(n, 1))
+        chunk = max(n, 1) if chunk <= 0 else min(chunk, max(n, 1))
         in_range = (targets >= start) & (targets < start + local)
         local_t = torch.where(in_range, targets - start, torch.zeros_like(targets))
         logp, ent, lse = (hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
@@ -119,24 +119,34 @@ class _ChunkedLogprob(torch.autograd.Function):
 
 
 def token_logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                               temperature: float, true_vocab: int, chunk_tokens: int = 0
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
+                               temperature: float, true_vocab: int, chunk_tokens: int = 0,
+                               where: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """log_softmax(hidden @ weight^T / T)[targets] (differentiable) and the entropy per position (no grad).
 
     hidden [..., h] (gathered over TP), weight [V/tp, h] (this rank's vocab slice), targets [...].
-    Results have the shape of `targets`, float32."""
-    shape = targets.shape
-    lp, ent = _ChunkedLogprob.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
-                                    temperature, true_vocab, chunk_tokens, True)
-    return lp.view(shape), ent.view(shape)
+    `where` (bool, shape of targets): only those positions go through the output projection (the
+    others, e.g. prompt tokens and padding, are 0.0 in both results). Results have the shape of
+    `targets`, float32."""
+    return _apply(hidden, weight, targets, temperature, true_vocab, chunk_tokens, where, True)
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
-                   true_vocab: int, chunk_tokens: int = 0) -> torch.Tensor:
+                   true_vocab: int, chunk_tokens: int = 0, where: torch.Tensor | None = None) -> torch.Tensor:
     """`token_logprobs_and_entropy` without the entropy."""
-    shape = targets.shape
-    return _ChunkedLogprob.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
-                                 temperature, true_vocab, chunk_tokens, False)[0].view(shape)
+    return _apply(hidden, weight, targets, temperature, true_vocab, chunk_tokens, where, False)[0]
+
+
+def _apply(hidden, weight, targets, temperature, true_vocab, chunk, where, want_entropy):
+    shape, n = targets.shape, targets.numel()
+    h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    if where is not None:
+        idx = where.reshape(-1).nonzero().squeeze(-1)
+        h, t = h.index_select(0, idx), t.index_select(0, idx)
+    lp, ent = _ChunkedLogprob.apply(h, weight, t, temperature, true_vocab, chunk, want_entropy)
+    if where is not None:
+        lp = lp.new_zeros(n).index_copy(0, idx, lp)
+        ent = ent.new_zeros(n).index_copy(0, idx, ent)
+    return lp.view(shape), ent.view(shape)
 
 
 @torch.no_grad()

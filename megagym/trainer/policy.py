@@ -154,7 +154,8 @@ class Policy:
         weight, chunk = output_weight(unwrap(model)), self.cfg.optim.logprob_chunk_tokens
 
         def collect(hidden, mb):
-            lp = lp_mod.token_logprobs(hidden, weight, mb.targets.to(device), T, V, chunk).cpu()
+            lp = lp_mod.token_logprobs(hidden, weight, mb.targets.to(device), T, V, chunk,
+                                       where=mb.mask.to(device) > 0).cpu()  # real tokens only, not padding
             for sid, row, start, _ in mb.spans():
                 full = torch.zeros(len(token_ids[sid]))
                 full[1:] = lp[row, start: start + len(token_ids[sid]) - 1]
@@ -198,7 +199,9 @@ class Policy:
 
         def loss_fn(hidden, mb):
             mb = to_device(mb, device)
-            logp, ent = lp_mod.token_logprobs_and_entropy(hidden, weight, mb.targets, T, V, chunk)
+            # only trained tokens go through the vocab projection (prompt and padding positions are
+            # masked out of the loss and every metric)
+            logp, ent = lp_mod.token_logprobs_and_entropy(hidden, weight, mb.targets, T, V, chunk, where=mb.mask > 0)
             old = mb.extras["old"] if "old" in mb.extras else logp.detach()
             tl = grpo_token_loss(logp, old, mb.extras["gen"], mb.extras["adv"], g.clip_low, g.clip_high,
                                  g.tis_threshold, g.kl_coef, mb.extras.get("ref"))

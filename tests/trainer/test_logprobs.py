@@ -76,3 +76,18 @@ def test_inputs_are_not_modified():
     before = hidden.detach().clone(), weight.detach().clone()
     lp_mod.token_logprobs_and_entropy(hidden, weight, torch.zeros(2, 5, dtype=torch.long), 1.0, 10, 2)
     assert torch.equal(hidden, before[0]) and torch.equal(weight, before[1])
+
+
+def test_where_skips_positions_and_leaves_zeros():
+    hidden, weight = _inputs(b=2, s=6)
+    t = torch.randint(0, 1000, (2, 6))
+    where = torch.tensor([[0, 1, 1, 0, 1, 0], [1, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    full_lp, full_ent = lp_mod.token_logprobs_and_entropy(hidden, weight, t, 0.9, 1000, 3)
+    lp, ent = lp_mod.token_logprobs_and_entropy(hidden, weight, t, 0.9, 1000, 3, where=where)
+    assert torch.allclose(lp[where], full_lp[where], atol=1e-6) and (lp[~where] == 0).all()
+    assert torch.allclose(ent[where], full_ent[where], atol=1e-6) and (ent[~where] == 0).all()
+    (gh,) = torch.autograd.grad(lp.sum(), hidden)
+    (rh,) = torch.autograd.grad((full_lp * where).sum(), hidden)
+    assert torch.allclose(gh, rh, atol=1e-6)
+    nothing = lp_mod.token_logprobs(hidden, weight, t, 1.0, 1000, 0, where=torch.zeros_like(where))
+    assert (nothing == 0).all() and nothing.requires_grad  # an all-masked micro-batch keeps a graph

@@ -28,7 +28,7 @@ EXACTISH = [("tp1", "chunked"), ("tp1", "packed"), ("tp2", "packed"), ("pp2", "p
 def test_recomputation_gives_the_same_loss_and_gradients(scale, layout, variant):
     r = scale[layout][variant]
     assert r["recompute"] == variant.split("_")[0]  # Megatron's config really has it
-    assert r["loss_rel"] <= 1e-6 and r["grad_rel"] <= 1e-6 and r["logprob_abs"] <= 1e-6
+    assert r["loss_rel"] <= 1e-6 and r["grad_rel"] <= 1e-6 and r["logprob_abs"] <= 1e-6  # bit-identical so far
 
 
 @pytest.mark.parametrize("layout,variant", EXACTISH)
@@ -37,9 +37,11 @@ def test_chunking_packing_and_sequence_parallel_match_padded(scale, layout, vari
     per-sample logprobs unpacked to the same values, same token count (normalisation unchanged)."""
     r = scale[layout][variant]
     assert r["loss_rel"] <= 1e-5, r
-    # chunked: the backward recomputes each probability as exp(x - lse) instead of keeping e / sum(e)
-    # (a few ulp apart), and the gradient sums them over 151k vocabulary columns: 5e-5 relative
-    assert r["grad_rel"] <= (5e-5 if variant == "chunked" else 1e-5), r
+    # Gradients: every tensor within 1e-5 of its norm; single elements within 5e-5 of the tensor's
+    # largest (rows summed in another order; chunked: probabilities recomputed as exp(x - lse)
+    # instead of kept as e / sum(e), a few ulp apart, summed over 151k vocabulary columns)
+    assert r["grad_norm_rel"] <= 1e-5, r
+    assert r["grad_rel"] <= 5e-5, r
     assert r["logprob_abs"] <= 1e-5 and r["logprob_len_ok"]
     assert r["entropy_abs"] <= 1e-5
     assert r["tokens"][0] == r["tokens"][1]

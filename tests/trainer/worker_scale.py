@@ -5,7 +5,8 @@ policy and variants (activation recomputation full-uniform / full-block / select
 logprobs, sequence packing, sequence parallelism at TP2, and all of them together) each take
 no-grad logprobs and one train step on the same samples; every rank compares its local gradient
 shards (Megatron's `main_grad`, all-reduced over DP: no distributed optimizer, no clipping) and
-the metrics with the baseline's. Rank 0 writes the largest differences per layout and variant.
+the metrics with the baseline's: per tensor, the largest element difference over the tensor's
+largest element (`grad_rel`) and the norm of the difference over the tensor's norm (`grad_norm_rel`). Rank 0 writes the largest differences per layout and variant.
 """
 
 import json
@@ -76,7 +77,10 @@ def worst(values) -> float:
 
 
 results = {}
+only = sys.argv[3:]  # optional: layout names to run (debugging)
 for layout, (tp, pp, names) in LAYOUTS.items():
+    if only and layout not in only:
+        continue
     base_lps, base_m, base_g, _ = run(tp, pp)
     results[layout] = {"base_loss": base_m["loss"]}
     for name in names:
@@ -84,11 +88,14 @@ for layout, (tp, pp, names) in LAYOUTS.items():
         if tp == 1 and par.get("sequence_parallel"):
             continue
         lps, m, grads, recompute = run(tp, pp, par, opt)
-        grad_rel = worst([float((grads[k] - base_g[k]).abs().max()) / max(float(base_g[k].abs().max()), 1e-30)
-                          for k in grads])
+        rels = {k: float((grads[k] - base_g[k]).abs().max()) / max(float(base_g[k].abs().max()), 1e-30)
+                for k in grads}  # largest element difference / the tensor's largest element
+        norm_rels = [float((grads[k] - base_g[k]).norm()) / max(float(base_g[k].norm()), 1e-30) for k in grads]
+        grad_rel, grad_norm_rel = worst(list(rels.values())), worst(norm_rels)
         r = {"loss_rel": abs(m["loss"] - base_m["loss"]) / abs(base_m["loss"]),
              "entropy_abs": abs(m["entropy"] - base_m["entropy"]), "tokens": [m["tokens"], base_m["tokens"]],
-             "grad_rel": grad_rel, "recompute": recompute}
+             "grad_rel": grad_rel, "grad_norm_rel": grad_norm_rel, "recompute": recompute,
+             "worst_on_rank0": max(rels, key=rels.get)}
         if rank == 0:
             r["logprob_abs"] = max(float((a - b).abs().max()) for a, b in zip(lps, base_lps))
             r["logprob_len_ok"] = all(len(a) == len(s.token_ids) for a, s in zip(lps, SAMPLES))
