@@ -2,7 +2,7 @@
 
 A family folder (`megagym/models/<family>/`, torchtitan-style) holds the same three modules:
   arch.py     `HFArch.from_config(config.json dict)` and the `MODEL_TYPES` it reads
-  spec.py     `transformer_config(arch, tp, pp, dtype)` and `layer_spec(arch, which)` (Megatron-Core)
+  spec.py     `transformer_config(arch, tp, pp, dtype)` and `layer_spec(arch, use_te)` (Megatron-Core)
   weights.py  `param_map(megatron_name, arch, padded_vocab)` / `exported(name, arch)`: HF <-> Megatron
 This module owns the registry: which family reads an HF `model_type` (`read_arch`), and the
 family package of an arch (`family_of`). Add a family by adding a folder and its name to FAMILIES.

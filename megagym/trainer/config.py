@@ -31,23 +31,56 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    """Megatron parallel layout; data parallel size = world size / (tp * pp)."""
+    """Megatron parallel layout (data parallel size = world size / (tp * pp)) and activation memory.
+
+    sequence_parallel     Megatron's sequence parallelism: norms, residuals and dropout inputs split
+                          along the sequence over the TP ranks (needs tensor_parallel > 1)
+    recompute             activation recomputation through Megatron's own options: "none"; "full"
+                          (keep only each layer's input, recompute the layer in backward); "selective"
+                          (recompute the attention core only: the s x s scores of the local spec)
+    recompute_method      full only: "uniform" recomputes every layer in chunks of
+                          `recompute_num_layers`; "block" recomputes the first `recompute_num_layers`
+                          layers of each pipeline stage and keeps the others' activations
+    gpu_memory_gib        memory of one GPU for the dry run's memory plan; 0 = the visible GPU's
+                          (no fit check when none is visible)
+    colocated_servers     the policy servers share the trainer's GPUs (their
+                          `servers.settings.gpu_memory_utilization` share is not the trainer's)
+    """
 
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     timeout_minutes: int = 30
+    sequence_parallel: bool = False
+    recompute: Literal["none", "full", "selective"] = "none"
+    recompute_method: Literal["uniform", "block"] = "uniform"
+    recompute_num_layers: int = 1
+    gpu_memory_gib: float = 0.0
+    colocated_servers: bool = False
 
     def validate(self) -> None:
         if self.tensor_parallel < 1 or self.pipeline_parallel < 1:
             raise ValueError("tensor_parallel and pipeline_parallel must be >= 1")
+        if self.sequence_parallel and self.tensor_parallel < 2:
+            raise ValueError("sequence_parallel needs tensor_parallel > 1 (it splits activations over TP ranks)")
+        if self.recompute_num_layers < 1:
+            raise ValueError("recompute_num_layers must be >= 1")
+        if self.gpu_memory_gib < 0:
+            raise ValueError("gpu_memory_gib must be >= 0 (0 = the visible GPU's memory)")
 
 
 @dataclass
 class OptimConfig:
     """AdamW through Megatron's optimizer (distributed optimizer by default), LR schedule, clipping.
 
-    micro_batch_tokens   token budget of one micro-batch (rows x padded length)
+    micro_batch_tokens   token budget of one micro-batch (rows x padded length; with packing the
+                         sum of the packed samples' lengths). A sample longer than it is an error.
+    pack_sequences       several samples per row (first-fit decreasing into bins of micro_batch_tokens,
+                         block-diagonal causal attention, per-sample positions) instead of one
+                         right-padded sample per row
+    logprob_chunk_tokens logits, logprobs and entropy formed this many tokens at a time (the full
+                         tokens x vocab logits never exist; the backward recomputes each chunk's logits);
+                         0 = the whole micro-batch at once
     """
 
     lr: float = 5e-6
@@ -62,12 +95,16 @@ class OptimConfig:
     lr_decay: Literal["constant", "linear", "cosine"] = "constant"
     micro_batch_tokens: int = 4096
     distributed_optimizer: bool = True
+    pack_sequences: bool = False
+    logprob_chunk_tokens: int = 0
 
     def validate(self) -> None:
         if self.lr <= 0:
             raise ValueError("lr must be > 0")
         if self.micro_batch_tokens < 1:
             raise ValueError("micro_batch_tokens must be >= 1")
+        if self.logprob_chunk_tokens < 0:
+            raise ValueError("logprob_chunk_tokens must be >= 0 (0 = no chunking)")
         if self.warmup_steps < 0 or self.total_steps < 1:
             raise ValueError("warmup_steps must be >= 0 and total_steps >= 1")
         if self.warmup_steps > self.total_steps:

@@ -99,19 +99,23 @@ class StepSums:
         return out
 
 
-def grpo_loss_fn(grpo, vocab: int, device, sums: StepSums | None):
-    """`loss_fn(logits, mb) -> (loss summed over mb's valid tokens, valid token count)` for
+def grpo_loss_fn(grpo, vocab: int, device, sums: StepSums | None, weight: torch.Tensor, chunk_tokens: int):
+    """`loss_fn(hidden, mb) -> (loss summed over mb's valid tokens, valid token count)` for
     `step.run_schedule`; with `sums` it also adds the step's metric sums (reporting ranks only).
 
+    `hidden` are the last stage's final hidden states (the output layer is deferred, see head.py):
+    only trained tokens go through the vocabulary projection, `chunk_tokens` at a time (prompt and
+    padding positions are masked out of the loss and every metric).
     `mb.extras`: "gen" (generation logprobs), "adv" (advantages), optional "old" (before-step
     logprobs; on-policy they are this forward's, detached) and "ref" (reference logprobs, for KL)."""
     from megagym.trainer.logprobs import token_logprobs_and_entropy
     from megagym.trainer.step import to_device
 
-    def loss_fn(logits, mb):
+    def loss_fn(hidden, mb):
         mb = to_device(mb, device)
         x = mb.extras
-        logp, ent = token_logprobs_and_entropy(logits, mb.targets, grpo.temperature, vocab)
+        logp, ent = token_logprobs_and_entropy(hidden, weight, mb.targets, grpo.temperature, vocab, chunk_tokens,
+                                               where=mb.mask > 0)
         old = x["old"] if "old" in x else logp.detach()
         tl = grpo_token_loss(logp, old, x["gen"], x["adv"], grpo.clip_low, grpo.clip_high, grpo.tis_threshold,
                              grpo.kl_coef, x.get("ref"))

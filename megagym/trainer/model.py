@@ -8,6 +8,8 @@ vocabulary size, and marking the tensor-parallel parameters. Must not: know a fa
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from megagym.models import HFArch, family_of
@@ -25,19 +27,51 @@ def padded_vocab_size(vocab: int, divisible_by: int, tp: int) -> int:
     return ((vocab + multiple - 1) // multiple) * multiple
 
 
+def te_available() -> bool:
+    """Transformer-engine imports and a GPU is there (its layer spec needs both)."""
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return torch.cuda.is_available()
+
+
+def uses_te(which_spec: str) -> bool:
+    """`model.layer_spec` ("auto" / "te" / "local") resolved on this machine."""
+    return te_available() if which_spec == "auto" else which_spec == "te"
+
+
+def activation_kwargs(parallel) -> dict:
+    """TransformerConfig kwargs for `parallel:`'s sequence parallelism and activation recomputation."""
+    kw: dict[str, Any] = {"sequence_parallel": parallel.sequence_parallel}
+    if parallel.recompute == "full":
+        kw.update(recompute_granularity="full", recompute_method=parallel.recompute_method,
+                  recompute_num_layers=parallel.recompute_num_layers)
+    elif parallel.recompute == "selective":
+        kw.update(recompute_granularity="selective", recompute_modules=["core_attn"])
+    return kw
+
+
 def build_gpt_model(arch: HFArch, dtype: torch.dtype = torch.float32, which_spec: str = "auto",
-                    divisible_by: int = 128):
-    """The local pipeline stage of a GPTModel for `arch` under the current parallel state."""
+                    divisible_by: int = 128, **config_kwargs: Any):
+    """The local pipeline stage of a GPTModel for `arch` under the current parallel state.
+
+    `config_kwargs` go to the TransformerConfig (e.g. `activation_kwargs(cfg.parallel)`)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    spec = family_of(arch).spec
-    config = spec.transformer_config(arch, tp, pp, dtype)
+    family_spec = family_of(arch).spec
+    config = family_spec.transformer_config(arch, tp, pp, dtype, **config_kwargs)
+    spec = family_spec.layer_spec(arch, uses_te(which_spec))
+    if config.sequence_parallel:
+        from megagym.trainer.sp_norm import local_block_spec
+
+        spec = local_block_spec(spec, config)  # no-op for TE's norms; see sp_norm.py
     model = GPTModel(
         config=config,
-        transformer_layer_spec=spec.layer_spec(arch, which_spec),
+        transformer_layer_spec=spec,
         vocab_size=padded_vocab_size(arch.vocab_size, divisible_by, tp),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),

@@ -37,9 +37,11 @@ import torch
 import torch.distributed as dist
 
 from megagym.trainer import logprobs as lp_mod
-from megagym.trainer.loss import StepSums, grpo_loss_fn
 from megagym.models import HFArch, read_arch
-from megagym.trainer.model import build_gpt_model, padded_vocab_size
+from megagym.trainer.head import defer_output_layer, output_weight, unwrap
+from megagym.trainer.loss import StepSums, grpo_loss_fn
+from megagym.trainer.model import activation_kwargs, build_gpt_model, padded_vocab_size, uses_te
+from megagym.trainer.packing import pack_bins, rope_at_position_ids
 from megagym.trainer.parallel import broadcast_object, init_distributed
 from megagym.trainer.step import build_micro_batch, empty_micro_batch, plan_micro_batches, run_schedule, split_over_dp
 
@@ -79,8 +81,13 @@ class Policy:
         arch = read_arch(cfg.model.hf_path)
         padded = padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by,
                                    cfg.parallel.tensor_parallel)
-        gpt = build_gpt_model(arch, dtype, cfg.model.layer_spec, cfg.model.make_vocab_size_divisible_by)
+        gpt = build_gpt_model(arch, dtype, cfg.model.layer_spec, cfg.model.make_vocab_size_divisible_by,
+                              **activation_kwargs(cfg.parallel))
         load_hf_into_model(gpt, cfg.model.hf_path, arch, padded)
+        defer_output_layer(gpt)  # logits are formed in chunks by the logprob function
+        layout = packed_layout(cfg)
+        if layout == "mask":
+            rope_at_position_ids(gpt)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
             use_distributed_optimizer=cfg.optim.distributed_optimizer)
@@ -89,8 +96,12 @@ class Policy:
         optimizer, scheduler = build_optimizer(cfg.optim, model, dtype)
         ref_model = None
         if cfg.grpo.kl_coef > 0:
-            ref_model = build_gpt_model(arch, dtype, cfg.model.layer_spec, cfg.model.make_vocab_size_divisible_by)
+            ref_model = build_gpt_model(arch, dtype, cfg.model.layer_spec, cfg.model.make_vocab_size_divisible_by,
+                                        sequence_parallel=cfg.parallel.sequence_parallel)
             load_hf_into_model(ref_model, cfg.model.hf_path, arch, padded)
+            defer_output_layer(ref_model)
+            if layout == "mask":
+                rope_at_position_ids(ref_model)
             ref_model.requires_grad_(False)
             ref_model.eval()
         return cls(cfg, arch, model, optimizer, scheduler, padded, ref_model)
@@ -101,8 +112,12 @@ class Policy:
         lengths = [max(len(t) - 1, 1) for t in token_ids]
         shares = split_over_dp(lengths, ps.get_data_parallel_world_size())
         mine = shares[ps.get_data_parallel_rank()]
-        groups = plan_micro_batches(mine, lengths, self.cfg.optim.micro_batch_tokens)
-        mbs = [build_micro_batch(g, token_ids, loss_masks, per_token, per_sample) for g in groups]
+        optim, par = self.cfg.optim, self.cfg.parallel
+        plan = pack_bins if optim.pack_sequences else plan_micro_batches
+        groups = plan(mine, lengths, optim.micro_batch_tokens)
+        multiple = par.tensor_parallel if par.sequence_parallel else 1
+        mbs = [build_micro_batch(g, token_ids, loss_masks, per_token, per_sample, optim.pack_sequences, multiple)
+               for g in groups]
         return mbs or [empty_micro_batch(list(per_token) + list(per_sample))]
 
     def _device(self):
@@ -134,18 +149,20 @@ class Policy:
         T, V = self.cfg.grpo.temperature, self.arch.vocab_size
         device = self._device()
 
-        def collect(logits, mb):
-            lp = lp_mod.token_logprobs(logits, mb.targets.to(device), T, V).float().cpu()
-            for row, sid in enumerate(mb.sample_ids):
-                if sid >= 0:
-                    full = torch.zeros(len(token_ids[sid]))
-                    full[1:] = lp[row, : len(token_ids[sid]) - 1]
-                    out[sid] = full
+        weight, chunk = output_weight(unwrap(model)), self.cfg.optim.logprob_chunk_tokens
+
+        def collect(hidden, mb):
+            lp = lp_mod.token_logprobs(hidden, weight, mb.targets.to(device), T, V, chunk,
+                                       where=mb.mask.to(device) > 0).cpu()  # real tokens only, not padding
+            for sid, row, start, _ in mb.spans():
+                full = torch.zeros(len(token_ids[sid]))
+                full[1:] = lp[row, start: start + len(token_ids[sid]) - 1]
+                out[sid] = full
             return lp.new_zeros(()), torch.zeros((), dtype=torch.int)
 
         was_training = model.training
         model.eval()
-        run_schedule(model, mbs, collect, forward_only=True)
+        run_schedule(model, mbs, collect, forward_only=True, packed_layout=packed_layout(self.cfg))
         model.train(was_training)
         mine = out if self._reports() else {}
         gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
@@ -174,11 +191,13 @@ class Policy:
                                      {"adv": [s.advantage for s in samples]})
         device = self._device()
         sums = StepSums()
-        loss_fn = grpo_loss_fn(g, self.arch.vocab_size, device, sums if self._reports() else None)
+        weight = output_weight(unwrap(self.model))
+        loss_fn = grpo_loss_fn(g, self.arch.vocab_size, device, sums if self._reports() else None,
+                               weight, self.cfg.optim.logprob_chunk_tokens)
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        run_schedule(self.model, mbs, loss_fn, forward_only=False)
+        run_schedule(self.model, mbs, loss_fn, forward_only=False, packed_layout=packed_layout(self.cfg))
         lr = float(self.optimizer.param_groups[0]["lr"])  # the lr of this update
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
@@ -216,6 +235,13 @@ class Policy:
         from megagym.trainer.checkpoint import load_checkpoint
 
         return load_checkpoint(self, Path(directory))
+
+
+def packed_layout(cfg) -> Optional[str]:
+    """How packed rows reach the attention: "thd" with transformer-engine, "mask" with the local spec."""
+    if not cfg.optim.pack_sequences:
+        return None
+    return "thd" if uses_te(cfg.model.layer_spec) else "mask"
 
 
 def build_optimizer(optim, model, dtype):

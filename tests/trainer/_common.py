@@ -11,7 +11,7 @@ from pathlib import Path
 from megagym.server.process import free_port
 
 REPO = Path(__file__).resolve().parents[2]
-TORCHRUN = Path(sys.executable).parent / "torchrun"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # the light worktree venv has no torchrun script
 
 
 def make_cfg(hf_path, tp=1, pp=1, **sections):
@@ -32,7 +32,7 @@ def torchrun(worker: str, nproc: int, args: list[str], timeout: int = 300) -> su
     """Run tests/trainer/<worker> under torchrun (gloo); raise with its output on failure."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false",
                PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    cmd = [str(TORCHRUN), f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
+    cmd = [*TORCHRUN, f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
            str(REPO / "tests" / "trainer" / worker), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, start_new_session=True)
     if proc.returncode != 0:

@@ -14,7 +14,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import make_cfg  # noqa: E402
 
-from megagym.trainer import logprobs as lp_mod  # noqa: E402
+from megagym.trainer import head  # noqa: E402
 from megagym.trainer.policy import Policy  # noqa: E402
 from megagym.trainer.step import build_micro_batch, run_schedule  # noqa: E402
 from megagym.types import Sample  # noqa: E402
@@ -39,11 +39,11 @@ def megatron_logits(policy):
     mbs = [build_micro_batch(ids, seqs, [[1] * len(s) for s in seqs], {}, {}) for ids in ([0, 1], [2], [3])]
     got = {}
 
-    def collect(logits, mb):
-        full = lp_mod.gather_full_logits(logits, policy.arch.vocab_size)
+    def collect(hidden, mb):
+        full = head.full_logits(head.unwrap(policy.model), hidden, policy.arch.vocab_size)
         for row, sid in enumerate(mb.sample_ids):
             got[sid] = full[row, : len(seqs[sid]) - 1].clone()
-        return logits.new_zeros(()), torch.zeros((), dtype=torch.int)
+        return hidden.new_zeros(()), torch.zeros((), dtype=torch.int)
 
     run_schedule(policy.model, mbs, collect, forward_only=True)
     mine = got if policy._reports() else {}

@@ -15,7 +15,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import make_cfg  # noqa: E402
 
-from megagym.trainer import logprobs as lp_mod  # noqa: E402
+from megagym.trainer import head  # noqa: E402
 from megagym.trainer.advantages import assign_advantages  # noqa: E402
 from megagym.trainer.loss import grpo_token_loss  # noqa: E402
 from megagym.trainer.policy import Policy  # noqa: E402
@@ -84,11 +84,11 @@ def full_logits(policy, seqs):
     mbs = [build_micro_batch(list(range(len(seqs))), seqs, [[1] * len(s) for s in seqs], {}, {})]
     got = {}
 
-    def collect(logits, mb):
-        full = lp_mod.gather_full_logits(logits, policy.arch.vocab_size)
+    def collect(hidden, mb):
+        full = head.full_logits(head.unwrap(policy.model), hidden, policy.arch.vocab_size)
         for row, sid in enumerate(mb.sample_ids):
             got[sid] = full[row, : len(seqs[sid]) - 1].clone()
-        return logits.new_zeros(()), torch.zeros((), dtype=torch.int)
+        return hidden.new_zeros(()), torch.zeros((), dtype=torch.int)
 
     run_schedule(policy.model, mbs, collect, forward_only=True)
     box = [None] * dist.get_world_size() if rank == 0 else None

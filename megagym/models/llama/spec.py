@@ -1,8 +1,8 @@
 """The Llama family on Megatron-Core: its `TransformerConfig` and layer spec.
 
 Owns: translating an `HFArch` into Megatron's `TransformerConfig` (RMSNorm, SwiGLU, RoPE, GQA,
-QK-norm for Qwen3, QKV bias for Qwen2, no other biases) and choosing the layer spec
-(transformer-engine on GPU when installed, the local spec otherwise). megatron.core is imported
+QK-norm for Qwen3, QKV bias for Qwen2, no other biases) and its layer spec (transformer-engine's
+or the local one, as the trainer decides: trainer/model.py `uses_te`). megatron.core is imported
 inside the functions, so the registry stays cheap to import.
 Must not: build the model, load weights or hold parallel state (trainer/model.py does).
 """
@@ -14,13 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-
-def te_available() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:
-        return False
-    return torch.cuda.is_available()
+from megagym.models.llama.arch import HFArch
 
 
 def transformer_config(arch: HFArch, tp: int, pp: int, dtype: torch.dtype, **extra: Any):
@@ -68,10 +62,10 @@ def transformer_config(arch: HFArch, tp: int, pp: int, dtype: torch.dtype, **ext
     )
 
 
-def layer_spec(arch: HFArch, which: str = "auto"):
+def layer_spec(arch: HFArch, use_te: bool):
+    """Transformer-engine's layer spec (GPU) or Megatron's local one (CPU)."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
-    use_te = te_available() if which == "auto" else which == "te"
     if use_te:
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
     return specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")

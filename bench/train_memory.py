@@ -1,0 +1,216 @@
+"""Trainer memory benchmark (CPU): measured peak memory of one train step against the memory plan,
+activation recomputation's saving, and packed vs padded throughput on a length-skewed batch.
+
+1. Recomputation: one `Policy.train_step` (GRPO loss, Megatron DDP + distributed optimizer, one
+   process) on model A24 with `parallel.recompute: none` and `full`; the peak RSS of the step
+   (VmHWM, reset through /proc/self/clear_refs just before the step, so model loading does not
+   count) and the loss of each. The bar: full <= 0.4x none, same loss.
+2. Estimator: `megagym.launch.memory_plan.estimate(kind="cpu")` for each measured config against
+   its measured peak (bar: within +-25%); its constants were fitted on model A8 only.
+3. Packing: the same length-skewed batch (lengths log-uniform in [32, 1024]) through
+   `Policy.train_step` with `optim.pack_sequences` true and false, steps interleaved in one
+   process so both see the same machine load; tokens/s counts real tokens.
+
+Every measurement runs in its own child process, one at a time (the parent holds no model).
+Models are small random Qwen3s written to a temp dir (MODELS: 8 and 24 layers of width 256 with
+an 8k vocabulary, 4 layers of width 512 with a 49k vocabulary; 4-60M parameters), fp32,
+micro-batches of 2,048 tokens: every child stays under ~4 GiB.
+
+    .venv/bin/python bench/train_memory.py                  # all three parts, ~6 min on 2 cores
+    .venv/bin/python bench/train_memory.py --part memory    # or: packing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+MODELS = {  # write_tiny_qwen3 overrides
+    "A8": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=64, vocab_size=8192, tie_word_embeddings=True),
+    "A24": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=24, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=64, vocab_size=8192, tie_word_embeddings=True),
+    "B": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+              num_key_value_heads=4, head_dim=64, vocab_size=49152, tie_word_embeddings=False),
+}
+BUDGET = 2048
+# (model, parallel overrides, optim overrides, rows x row length). The estimator's constants (the
+# CPU runtime, the unfused attention's bytes per score) were fitted on A8 only; A24 (3x deeper)
+# and B (another width, untied, whole-micro-batch logits) were not used for tuning.
+MEMORY_RUNS = [
+    ("A8", {"recompute": "none"}, {"logprob_chunk_tokens": 512}, (2, 1024)),
+    ("A8", {"recompute": "full"}, {"logprob_chunk_tokens": 512}, (2, 1024)),
+    ("A24", {"recompute": "none"}, {"logprob_chunk_tokens": 512}, (2, 1024)),
+    ("A24", {"recompute": "full"}, {"logprob_chunk_tokens": 512}, (2, 1024)),
+    ("A24", {"recompute": "selective"}, {"logprob_chunk_tokens": 512}, (2, 1024)),
+    ("B", {"recompute": "none"}, {"logprob_chunk_tokens": 0}, (4, 512)),
+    ("B", {"recompute": "full"}, {"logprob_chunk_tokens": 512}, (4, 512)),
+]
+
+
+def _quiet():
+    from megagym.trainer import quiet_known_warnings
+
+    quiet_known_warnings()
+
+
+def make_samples(lengths: list[int], seed: int = 0):
+    import torch
+
+    from megagym.trainer.advantages import assign_advantages
+    from megagym.types import Sample
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, n in enumerate(lengths):
+        prompt = min(16, n // 2)
+        ids = torch.randint(0, 8000, (n,), generator=g).tolist()  # below every model's vocabulary
+        mask = [0] * prompt + [1] * (n - prompt)
+        out.append(Sample(token_ids=ids, loss_mask=mask, gen_logprobs=[-10.4 if m else 0.0 for m in mask],
+                          reward=float(i % 2), group_index=i // 4))
+    assign_advantages(out)
+    return out
+
+
+def skewed_lengths(n: int, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [int(round(math.exp(rng.uniform(math.log(32), math.log(1024))))) for _ in range(n)]
+
+
+def build_cfg(hf_dir: str, parallel: dict, optim: dict):
+    from megagym.config.loader import build
+    from megagym.config.schema import RunConfig
+
+    return build(RunConfig, {"model": {"hf_path": hf_dir}, "parallel": parallel,
+                             "optim": {"lr": 1e-4, "micro_batch_tokens": BUDGET, "clip_grad": 1.0, **optim}})
+
+
+def _vm(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def child_memory(spec: dict) -> dict:
+    import torch
+
+    from megagym.trainer.policy import Policy
+
+    torch.set_num_threads(2)
+    policy = Policy.build(build_cfg(spec["hf"], spec["parallel"], spec["optim"]))
+    rows, length = spec["shape"]
+    samples = make_samples([length + 1] * rows)  # length + 1 tokens = `length` input positions
+    before = _vm("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    m = policy.train_step(samples)
+    return {"peak": _vm("VmHWM"), "before": before, "loss": m["loss"]}
+
+
+def child_packing(spec: dict) -> dict:
+    import torch
+
+    from megagym.trainer.policy import Policy
+
+    torch.set_num_threads(2)
+    samples = make_samples(skewed_lengths(spec["n"]), seed=1)
+    pol = {k: Policy.build(build_cfg(spec["hf"], {}, {"pack_sequences": k == "packed", "logprob_chunk_tokens": 512}))
+           for k in ("padded", "packed")}
+    times: dict[str, list[float]] = {k: [] for k in pol}
+    losses = {}
+    for i in range(spec["steps"] + 1):
+        for k, p in pol.items():
+            t0 = time.perf_counter()
+            losses[k] = p.train_step(samples)["loss"]
+            if i:
+                times[k].append(time.perf_counter() - t0)
+    from megagym.trainer.packing import pack_bins
+    from megagym.trainer.step import plan_micro_batches
+
+    lengths = [len(s.token_ids) - 1 for s in samples]
+    ids = list(range(len(samples)))
+    padded_slots = sum(len(g) * max(lengths[i] for i in g) for g in plan_micro_batches(ids, lengths, BUDGET))
+    return {"tokens": sum(lengths), "padded_slots": padded_slots, "bins": len(pack_bins(ids, lengths, BUDGET)),
+            "micro_batches": len(plan_micro_batches(ids, lengths, BUDGET)),
+            "step_s": {k: statistics.median(v) for k, v in times.items()}, "loss": losses}
+
+
+def run_child(kind: str, spec: dict) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(spec)], env=env,
+                          capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {kind} {spec} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def part_memory(dirs: dict) -> None:
+    from megagym.launch.memory_plan import GIB, estimate
+    from megagym.trainer.model import HFArch
+
+    print(f"one train step, peak RSS of the step (GiB); micro-batch budget {BUDGET} tokens, fp32, local spec")
+    print(f"{'model':6s}{'recompute':11s}{'chunk':>6s}{'rows x len':>12s}{'measured':>10s}{'plan':>8s}"
+          f"{'plan/meas':>10s}{'loss':>14s}")
+    measured = {}
+    for model, par, opt, shape in MEMORY_RUNS:
+        r = run_child("memory", {"hf": str(dirs[model]), "parallel": par, "optim": opt, "shape": shape})
+        cfg = build_cfg(str(dirs[model]), par, opt)
+        plan = estimate(HFArch.from_dir(dirs[model]), cfg, nproc=1, kind="cpu", max_sample_tokens=shape[1])
+        measured[(model, par["recompute"])] = r
+        print(f"{model:6s}{par['recompute']:11s}{opt['logprob_chunk_tokens']:6d}{f'{shape[0]} x {shape[1]}':>12s}"
+              f"{r['peak'] / GIB:10.2f}{plan.total / GIB:8.2f}{plan.total / r['peak']:10.2f}{r['loss']:14.8f}")
+    none, full = measured[("A24", "none")], measured[("A24", "full")]
+    print(f"full / no recompute peak RSS (model A24): {full['peak'] / none['peak']:.2f}; "
+          f"loss difference {abs(full['loss'] - none['loss']):.2e}")
+
+
+def part_packing(dirs: dict, n: int, steps: int) -> None:
+    r = run_child("packing", {"hf": str(dirs["tiny"]), "n": n, "steps": steps})
+    tok = r["tokens"]
+    print(f"length-skewed batch: {n} samples, lengths log-uniform in [32, 1024], {tok} tokens; budget {BUDGET}; "
+          f"padded: {r['micro_batches']} micro-batches, {r['padded_slots']} slots "
+          f"({100 * (r['padded_slots'] / tok - 1):.0f}% padding); packed: {r['bins']} bins; "
+          f"median of {steps} interleaved steps; load average {os.getloadavg()[0]:.1f}")
+    print(f"{'':28s}{'step s':>10s}{'tokens/s':>12s}{'loss':>16s}")
+    for k in ("padded", "packed"):
+        print(f"{'megagym ' + k:28s}{r['step_s'][k]:10.3f}{tok / r['step_s'][k]:12.0f}{r['loss'][k]:16.8f}")
+    print(f"packed / padded tokens/s: {r['step_s']['padded'] / r['step_s']['packed']:.2f}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--part", choices=["all", "memory", "packing"], default="all")
+    p.add_argument("--samples", type=int, default=24, help="packing: samples in the skewed batch")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    _quiet()
+    if a.child:
+        fn = {"memory": child_memory, "packing": child_packing}[a.child[0]]
+        print(json.dumps(fn(json.loads(a.child[1]))))
+        return 0
+    from megagym.testing.tiny_qwen3 import write_tiny_qwen3
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = {"tiny": write_tiny_qwen3(Path(tmp) / "tiny", seed=0)}
+        if a.part in ("all", "memory"):
+            dirs.update({k: write_tiny_qwen3(Path(tmp) / k, seed=0, **v) for k, v in MODELS.items()})
+            part_memory(dirs)
+        if a.part in ("all", "packing"):
+            part_packing(dirs, a.samples, a.steps)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
