@@ -47,6 +47,11 @@ class LaunchPlan:
         return {spec.agent: name for name, spec in self.environments.items()}
 
 
+
+def ray_tmpdir(run_id: str) -> Path:
+    """Ray's temp root for one stack (removed when the stack stops)."""
+    return Path(f"/tmp/megagym-ray-{run_id}")
+
 def gym_install_root(venv: str | Path) -> Path:
     """site-packages of Gym's venv (where nemo_gym and the built-in servers live)."""
     venv_path = resolve_path(str(venv))
@@ -182,7 +187,7 @@ def compose(
         # Ray's own temp root: ray.init() without an address joins the cluster named in
         # <root>/ray/ray_current_cluster, i.e. another run's on a shared /tmp (seen: a Gym stack
         # joined a neighbour's dying Ray and never came up). Short: Ray's socket paths live under it.
-        "RAY_TMPDIR": f"/tmp/megagym-ray-{run_id}",
+        "RAY_TMPDIR": str(ray_tmpdir(run_id)),
     }
     plan = LaunchPlan(
         argv=argv, env=env, cwd=rd, run_dir=rd, run_id=run_id,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,7 +29,7 @@ from urllib.parse import urlparse
 import httpx
 import yaml
 
-from megagym.gym.compose import LaunchPlan, compose
+from megagym.gym.compose import LaunchPlan, compose, ray_tmpdir
 from megagym.gym.config import GymConfig, resolve_environments
 from megagym.gym.errors import GymError
 from megagym.gym.kill import children, has_live_child_or_self, kill_run, marker_pids, pid_alive
@@ -276,6 +277,8 @@ class GymStack:
             (self.plan.run_dir / STATE_FILE).unlink()
         except FileNotFoundError:
             pass
+        if not left:
+            shutil.rmtree(ray_tmpdir(self.plan.run_id), ignore_errors=True)
         return left
 
     def __enter__(self) -> "GymStack":
@@ -294,6 +297,7 @@ def stop_from_state(run_dir: str | Path, timeout: float = 20.0) -> list[str]:
     left = kill_run(state["run_id"], state.get("pgid"), state.get("pid"), timeout)
     if not left:
         path.unlink()
+        shutil.rmtree(ray_tmpdir(state["run_id"]), ignore_errors=True)
     return left
 
 
