@@ -88,7 +88,7 @@ def part_logprobs(hf_dir: Path) -> dict:
 
 def part_memory(hf_dir: Path) -> dict:
     from megagym.launch.memory_plan import GIB, estimate
-    from megagym.trainer.model import HFArch
+    from megagym.models import read_arch
     from megagym.trainer.policy import Policy
 
     out = {}
@@ -102,7 +102,7 @@ def part_memory(hf_dir: Path) -> dict:
         torch.cuda.reset_peak_memory_stats()
         policy.train_step(samples)
         peak = torch.cuda.max_memory_allocated()
-        plan = estimate(HFArch.from_dir(hf_dir), cfg, 1, kind="gpu", max_sample_tokens=2048)
+        plan = estimate(read_arch(hf_dir), cfg, 1, kind="gpu", max_sample_tokens=2048)
         planned = plan.total - next(t.bytes for t in plan.terms if t.name.startswith("runtime"))
         out[name] = {"max_allocated": peak, "plan_without_runtime": planned, "plan": plan.table()}
         print(f"{name:28s}{peak / GIB:14.2f}{planned / GIB:14.2f}{planned / peak:8.2f}")

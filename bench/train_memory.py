@@ -157,7 +157,7 @@ def run_child(kind: str, spec: dict) -> dict:
 
 def part_memory(dirs: dict) -> None:
     from megagym.launch.memory_plan import GIB, estimate
-    from megagym.trainer.model import HFArch
+    from megagym.models import read_arch
 
     print(f"one train step, peak RSS of the step (GiB); micro-batch budget {BUDGET} tokens, fp32, local spec")
     print(f"{'model':6s}{'recompute':11s}{'chunk':>6s}{'rows x len':>12s}{'measured':>10s}{'plan':>8s}"
@@ -166,7 +166,7 @@ def part_memory(dirs: dict) -> None:
     for model, par, opt, shape in MEMORY_RUNS:
         r = run_child("memory", {"hf": str(dirs[model]), "parallel": par, "optim": opt, "shape": shape})
         cfg = build_cfg(str(dirs[model]), par, opt)
-        plan = estimate(HFArch.from_dir(dirs[model]), cfg, nproc=1, kind="cpu", max_sample_tokens=shape[1])
+        plan = estimate(read_arch(dirs[model]), cfg, nproc=1, kind="cpu", max_sample_tokens=shape[1])
         measured[(model, par["recompute"])] = r
         print(f"{model:6s}{par['recompute']:11s}{opt['logprob_chunk_tokens']:6d}{f'{shape[0]} x {shape[1]}':>12s}"
               f"{r['peak'] / GIB:10.2f}{plan.total / GIB:8.2f}{plan.total / r['peak']:10.2f}{r['loss']:14.8f}")

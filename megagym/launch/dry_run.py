@@ -22,10 +22,10 @@ def plan_memory(cfg, hf: dict, nproc: int = 1, gpu_bytes: float | None = None):
     """The memory plan for `cfg` on `nproc` ranks; checked against `parallel.gpu_memory_gib`, else
     `gpu_bytes` (the visible GPU), else not at all (a CPU run: the plan is shown, nothing refused)."""
     from megagym.launch.memory_plan import GIB, estimate
-    from megagym.trainer.model import HFArch
+    from megagym.models import arch_from_config
 
     device = cfg.parallel.gpu_memory_gib * GIB if cfg.parallel.gpu_memory_gib else gpu_bytes
-    return estimate(HFArch.from_dict(hf), cfg, nproc, device, kind="gpu" if device else "cpu")
+    return estimate(arch_from_config(hf), cfg, nproc, device, kind="gpu" if device else "cpu")
 
 
 def problems(cfg, nproc: int = 1, gpus: int | None = None, gpu_bytes: float | None = None,

@@ -118,7 +118,7 @@ def estimate(arch, cfg, nproc: int = 1, device_bytes: float | None = None, kind:
              flash: bool | None = None, max_sample_tokens: int | None = None) -> MemoryPlan:
     """The plan for the worst pipeline stage of `cfg` on `nproc` trainer ranks.
 
-    `arch` is megagym.trainer.model.HFArch; `kind` "gpu" or "cpu" picks the runtime overhead;
+    `arch` is a megagym.models HFArch; `kind` "gpu" or "cpu" picks the runtime overhead;
     `flash` whether attention keeps no scores (default: layer_spec "te", or "auto" on a GPU, where
     transformer-engine is expected; the local spec's attention is unfused);
     `max_sample_tokens` the longest sample (default: the servers' max_model_len, else the model's
