@@ -3,7 +3,8 @@
 # is lent a GPU machine: torch + transformers are there; megatron-core is not, so it comes as a
 # carried wheel (~2 MB; DESIGN.md "What a lent GPU machine can and cannot check").
 #
-# Prepare the wheel on this machine once (matching the device's Python; 3.12 on the lent machines):
+# Prepare the wheel on this machine once, for the device's Python (ask it first: `python -V`; the
+# cp312 wheel is 2.6 MB):
 #   /work/main/.venv/bin/python -m pip download --no-deps megatron-core==0.16.1 \
 #       --python-version 3.12 --only-binary=:all: -d bench/wheels
 # then, through the device tool, from the repository root (bench/wheels is untracked, so carry it):

@@ -111,7 +111,9 @@ def plain_step_fn(hf_dir: Path, samples, lr: float, temperature: float = 1.0, bu
 
     def step():
         for mb in mbs:
-            logits = model(mb.tokens).logits.float() / temperature
+            logits = model(mb.tokens).logits.float()
+            if temperature != 1.0:
+                logits = logits / temperature
             lp = torch.log_softmax(logits, -1).gather(-1, mb.targets[..., None])[..., 0]
             tl = grpo_token_loss(lp, lp.detach(), mb.extras["gen"], mb.extras["adv"], 0.2, 0.28, 2.0)
             ((tl.loss * mb.mask).sum() / total).backward()
