@@ -14,7 +14,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator,
+    model_validator,
+)
 
 Number = Union[StrictInt, Annotated[StrictFloat, Field(allow_inf_nan=False)]]
 TokenIds = list[StrictInt]
@@ -107,6 +110,17 @@ class _ChatBase(BaseModel):
     add_generation_prompt: StrictBool = True
     # Gym's optional prefix-supply extension: the prompt must start with these ids (checked, 400 if not)
     required_prefix_token_ids: Optional[TokenIds] = None
+    # the tool dicts exactly as the client sent them (after `tools` validated): the template renders
+    # them as JSON, so key order and explicit nulls change the prompt; Gym sends {"function", "type"}
+    _client_tools: Optional[list[dict]] = PrivateAttr(default=None)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_client_tools(cls, data: Any, handler):
+        model = handler(data)
+        if isinstance(data, dict) and model.tools:
+            model._client_tools = data["tools"]
+        return model
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -117,7 +131,10 @@ class _ChatBase(BaseModel):
         return value
 
     def tool_dicts(self) -> list[dict] | None:
-        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+        """The validated tools as the client wrote them (its key order, its explicit nulls)."""
+        if not self.tools:
+            return None
+        return self._client_tools or [t.model_dump(exclude_none=True) for t in self.tools]
 
 
 class ChatCompletionRequest(_ChatBase):

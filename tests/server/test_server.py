@@ -259,3 +259,14 @@ def test_engine_survives_errors_and_disconnects(client, policy_server):
     assert body["choices"][0]["message"]["generation_token_ids"]
     assert time.monotonic() - t0 < 30  # the abandoned 4000-token request was aborted, not queued ahead
     assert client.get("/health").json()["status"] == "ok"
+
+
+def test_tools_render_as_the_client_wrote_them(client, tok):
+    # Gym's proxy sends {"function": ..., "type": ...} with explicit nulls: the prompt is the template
+    # over those dicts as sent (key order and nulls change the JSON the template writes)
+    messages = [{"role": "user", "content": "hello"}]
+    tools = [{"function": {"name": "f", "description": "d", "parameters": {"type": "object", "properties": {}},
+                           "strict": None}, "type": "function"}]
+    r = client.post("/tokenize", json={"messages": messages, "tools": tools})
+    expected = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert r.status_code == 200 and r.json()["tokens"] == expected
