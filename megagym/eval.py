@@ -68,13 +68,15 @@ def _free_master_port() -> dict:
 
 
 def score(groups, val_n: int, threshold: float) -> dict:
-    """Reward mean over finished samples; pass@1 = solved / (prompts x val_n), per env and overall."""
+    """Reward mean over finished samples; pass@1 = solved / (prompts x val_n); pass@val_n = share of
+    prompts with at least one solved sample (when val_n > 1); per env and overall."""
     per_env: dict[str, dict] = {}
     for g in groups:
-        e = per_env.setdefault(g.env or "unknown", {"prompts": 0, "rewards": [], "solved": 0, "failed": 0})
+        e = per_env.setdefault(g.env or "unknown", {"prompts": 0, "rewards": [], "solved": 0, "failed": 0, "any": 0})
         e["prompts"] += 1
         e["rewards"] += [s.reward for s in g.samples]
         e["solved"] += sum(s.reward >= threshold for s in g.samples)
+        e["any"] += any(s.reward >= threshold for s in g.samples)
         e["failed"] += val_n - len(g.samples)
 
     def summary(parts: list[dict]) -> dict:
@@ -82,7 +84,8 @@ def score(groups, val_n: int, threshold: float) -> dict:
         prompts = sum(p["prompts"] for p in parts)
         return {"prompts": prompts, "samples": len(rewards), "failed_rollouts": sum(p["failed"] for p in parts),
                 "reward_mean": sum(rewards) / len(rewards) if rewards else 0.0,
-                "pass@1": sum(p["solved"] for p in parts) / (prompts * val_n) if prompts else 0.0}
+                "pass@1": sum(p["solved"] for p in parts) / (prompts * val_n) if prompts else 0.0,
+                **({f"pass@{val_n}": sum(p["any"] for p in parts) / prompts if prompts else 0.0} if val_n > 1 else {})}
 
     out = summary(list(per_env.values()))
     out["environments"] = {name: summary([e]) for name, e in sorted(per_env.items())}

@@ -25,6 +25,8 @@ def test_score_counts_failed_rollouts_as_unsolved():
     assert out["pass@1"] == pytest.approx(3 / 8)
     assert out["reward_mean"] == pytest.approx(3 / 6)
     assert out["environments"]["math"]["pass@1"] == pytest.approx(3 / 8)
+    assert out["pass@4"] == out["environments"]["math"]["pass@4"] == pytest.approx(1 / 2)  # one prompt solved
+    assert "pass@1" in score(groups, val_n=1, threshold=1.0) and "pass@4" not in score(groups, 1, 1.0)
 
 
 def test_merge_writes_table_csv_and_plot(tmp_path):
