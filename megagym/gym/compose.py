@@ -185,6 +185,10 @@ def compose(
         "PYTHONUNBUFFERED": "1",
         "NEMO_GYM_EXTRA_ROOTS": ":".join(str(r) for r in roots),
         "RAY_USAGE_STATS_ENABLED": "0",
+        # Ray's own temp root: ray.init() without an address joins the cluster named in
+        # <root>/ray/ray_current_cluster, i.e. another run's on a shared /tmp (seen: a Gym stack
+        # joined a neighbour's dying Ray and never came up). Short: Ray's socket paths live under it.
+        "RAY_TMPDIR": f"/tmp/megagym-ray-{run_id}",
     }
     plan = LaunchPlan(
         argv=argv, env=env, cwd=rd, run_dir=rd, run_id=run_id,

@@ -50,6 +50,7 @@ rollout: {n: 4, max_output_tokens: 16}
     assert plan.agent_to_env == {"math_with_judge_simple_agent": "math_with_judge",
                                  "lowercase_words_simple_agent": "lowercase_words"}
     assert plan.env["NEMO_GYM_EXTRA_ROOTS"].endswith("/envs")
+    assert plan.env["RAY_TMPDIR"] == f"/tmp/megagym-ray-{plan.run_id}"  # never joins a neighbour's Ray
     # every server folder Gym may start has a link to the one prepared venv
     link = plan.venv_links / "resources_servers" / "lowercase_words" / ".venv"
     assert (link / "bin" / "python").exists()
