@@ -3,7 +3,8 @@ embeddings, ChatML) imported from its GGUF file, then served, trained, synced an
 
 - import: `import_gguf` on the GGUF inside the wheel that setup fetched (models/.cache/) writes a
   plain HF folder whose logits equal transformers' own GGUF load;
-- Megatron logits == transformers at TP1, TP2 and PP2 (fp32, <= 1e-4) (tests/trainer/worker_parity.py);
+- Megatron logits == transformers at TP1, PP2 and TP3 (fp32, <= 1e-4; TP2 cannot split its 9 heads / 3
+  KV heads and is refused by name) (tests/trainer/worker_parity.py);
 - the policy server on it: engine logprobs == transformers, and the on-policy fix with `<|im_end|>`:
   each call of a multi-turn chat starts with the previous call's prompt + generation, after turns
   that ended with the EOS and turns cut at max_tokens;
@@ -81,11 +82,18 @@ def KNOWN_SHA() -> str:  # noqa: N802
     return KNOWN[NAME].sha256
 
 
-def test_megatron_logits_match_transformers_tp1_tp2_pp2(imported, tmp_path):
-    out = tmp_path / "parity.json"
-    torchrun("worker_parity.py", 2, [str(imported[1]), "-", str(out), "tp1,tp2,pp2"], timeout=900)
-    res = read_json(out)
-    assert set(res) == {"tp1", "tp2", "pp2"}
+def test_megatron_logits_match_transformers_tp1_pp2_tp3(imported, tmp_path):
+    """TP2 cannot split 9 heads / 3 KV heads: it is refused by name, and TP3 (3 ranks) is checked instead."""
+    from megagym.trainer.model import HFArch, transformer_config
+
+    with pytest.raises(ValueError, match="9 heads / 3 kv heads do not split over TP=2"):
+        transformer_config(HFArch.from_dir(imported[1]), 2, 1, torch.float32)
+    res = {}
+    for ranks, layouts in ((2, "tp1,pp2"), (3, "tp3")):
+        out = tmp_path / f"parity_{ranks}.json"
+        torchrun("worker_parity.py", ranks, [str(imported[1]), "-", str(out), layouts], timeout=900)
+        res.update(read_json(out))
+    assert set(res) == {"tp1", "pp2", "tp3"}
     for layout, r in res.items():
         assert r["logit_diff"] <= 1e-4 and r["logprob_diff"] <= 1e-4, (layout, r)
         assert r["export_exact"] and not r["names_missing"] and not r["names_extra"], (layout, r)

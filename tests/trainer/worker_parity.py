@@ -2,7 +2,8 @@
 
 argv: HF_DIR UNTIED_HF_DIR OUT_JSON [LAYOUTS]. Runs the layouts TP1, TP2, PP2, TP2xPP2 in one launch
 (re-initialising Megatron's parallel state) on 4 ranks; rank 0 writes the results. LAYOUTS (comma
-separated, e.g. "tp1,tp2,pp2" on 2 ranks for a real model; UNTIED_HF_DIR may then be "-") picks some.
+separated, e.g. "tp1,pp2" on 2 ranks or "tp3" on 3 for a real model; UNTIED_HF_DIR may then be "-")
+picks some.
 """
 
 import json
@@ -60,9 +61,11 @@ def megatron_logits(policy):
 
 
 results = {}
-for name, path, tp, pp in [("tp1", hf_dir, 1, 1), ("tp2", hf_dir, 2, 1), ("pp2", hf_dir, 1, 2),
-                           ("tp2pp2", hf_dir, 2, 2), ("tp2pp2_untied", untied_dir, 2, 2)]:
-    if only is not None and name not in only:
+LAYOUTS = [("tp1", hf_dir, 1, 1), ("tp2", hf_dir, 2, 1), ("pp2", hf_dir, 1, 2),
+           ("tp2pp2", hf_dir, 2, 2), ("tp2pp2_untied", untied_dir, 2, 2),
+           ("tp3", hf_dir, 3, 1)]  # tp3 only when asked for (3 ranks): a model with 9 heads / 3 KV heads
+for name, path, tp, pp in LAYOUTS:
+    if (only is None and name == "tp3") or (only is not None and name not in only):
         continue
     policy = Policy.build(make_cfg(path, tp, pp, grpo={"temperature": TEMP}))
     logits = megatron_logits(policy)
