@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("megagym.eval", "main", "validate one checkpoint (or HF folder) and write a JSON result"),
     "eval-merge": ("megagym.eval", "merge_main", "tabulate and plot eval results (Markdown, CSV, PNG)"),
     "cluster": ("megagym.cluster", "main", "helpers of the Slurm scripts (query a run, serve, wait)"),
+    "model": ("megagym.models.cli", "main", "import a GGUF file or fetch a known model as an HF folder"),
     "tiny-model": ("megagym.testing.tiny_qwen3", "main", "write a tiny random Qwen3 checkpoint"),
 }
 

@@ -36,8 +36,8 @@ else
   echo "$want" > "$STAMP"
 fi
 
-# Further stacks (Gym's own venv, Slurm for its tests) are added by scripts/setup_*.sh.
-for extra in scripts/setup_gym.sh; do
+# Further stacks (Gym's own venv, the pretrained models) are added by scripts/setup_*.sh.
+for extra in scripts/setup_gym.sh scripts/setup_models.sh; do
   [ -f "$extra" ] && bash "$extra"
 done
 echo "setup: done ($ROOT/.venv)"

@@ -42,7 +42,7 @@ start=$(date +%s)
 "$VENV/bin/python" -m pip install -q --no-deps --ignore-requires-python -r "$LOCK"
 "$VENV/bin/python" - <<'EOF'
 import importlib.metadata as md
-import math_verify, nemo_gym, pandas, ray  # noqa: F401  (the environments' imports)
+import math_verify, nemo_gym, pandas, ray, reasoning_gym  # noqa: F401  (the environments' imports)
 print("setup_gym: nemo-gym", md.version("nemo-gym"), "ray", ray.__version__)
 EOF
 [ -x "$VENV/bin/gym" ] || { echo "setup_gym: $VENV/bin/gym missing after install" >&2; exit 1; }

@@ -27,6 +27,8 @@ def test_score_counts_failed_rollouts_as_unsolved():
     assert out["pass@1"] == pytest.approx(3 / 8)
     assert out["reward_mean"] == pytest.approx(3 / 6)
     assert out["environments"]["math"]["pass@1"] == pytest.approx(3 / 8)
+    assert out["pass@4"] == out["environments"]["math"]["pass@4"] == pytest.approx(1 / 2)  # one prompt solved
+    assert "pass@1" in score(groups, val_n=1, threshold=1.0) and "pass@4" not in score(groups, 1, 1.0)
 
 
 def test_pass_at_n_counts_a_prompt_solved_by_any_sample_and_failures_as_unsolved():

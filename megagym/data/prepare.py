@@ -1,4 +1,7 @@
-"""`megagym data prepare dapo17k|aime24|workplace_assistant`: Gym JSONL from public HF datasets.
+"""`megagym data prepare dapo17k|aime24|workplace_assistant|arithmetic|reasoning_gym`: Gym JSONL rows.
+
+The three benchmark datasets come from public HF datasets (below); `arithmetic` and
+`reasoning_gym` are generated offline from seeds by their own modules (megagym/data/).
 
 Owns: the three benchmark datasets' sources and row mappings, matching the rows Gym's own prepare
 scripts write (resources_servers/math_with_judge/prepare_{dapo17k,aime24}.py and
@@ -80,6 +83,8 @@ RECIPES: dict[str, Recipe] = {
                                    "validation": "workplace_assistant/validation.jsonl"}, workplace_row),
 }
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
+# datasets generated offline from seeds (no hub): name -> module with prepare(out_root) -> {file: rows}
+GENERATORS = {"arithmetic": "megagym.data.arithmetic", "reasoning_gym": "megagym.data.reasoning_gym"}
 
 
 def download(repo_id: str, cache_dir: str | None = None) -> Path:
@@ -153,13 +158,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="megagym data", description="prepare Gym JSONL datasets")
     sub = p.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("prepare", help="build Gym JSONL for a benchmark dataset")
-    pp.add_argument("name", choices=sorted(RECIPES))
+    pp.add_argument("name", choices=sorted([*RECIPES, *GENERATORS]))
     pp.add_argument("--out", default="data", help="output root (default: data/ -> data/<name>/<split>.jsonl)")
     pp.add_argument("--source", help="a local folder with the dataset's parquet/JSONL files (default: the HF hub)")
     pp.add_argument("--limit", type=int, help="at most this many rows per split")
     a = p.parse_args(argv)
     try:
-        written = prepare(a.name, a.out, a.source, a.limit)
+        if a.name in GENERATORS:
+            import importlib
+
+            written = importlib.import_module(GENERATORS[a.name]).prepare(a.out)
+        else:
+            written = prepare(a.name, a.out, a.source, a.limit)
     except (KeyError, FileNotFoundError, ValueError) as e:
         print(f"megagym data prepare: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,9 @@
 """torchrun worker: Megatron vs transformers logits / logprobs and HF->Megatron->HF at several layouts.
 
-argv: HF_DIR UNTIED_HF_DIR OUT_JSON. Runs the layouts TP1, TP2, PP2, TP2xPP2 in one launch
-(re-initialising Megatron's parallel state) on 4 ranks; rank 0 writes the results.
+argv: HF_DIR UNTIED_HF_DIR OUT_JSON [LAYOUTS]. Runs the layouts TP1, TP2, PP2, TP2xPP2 in one launch
+(re-initialising Megatron's parallel state) on 4 ranks; rank 0 writes the results. LAYOUTS (comma
+separated, e.g. "tp1,pp2" on 2 ranks or "tp3" on 3 for a real model; UNTIED_HF_DIR may then be "-")
+picks some.
 """
 
 import json
@@ -21,9 +23,11 @@ from megagym.types import Sample  # noqa: E402
 from megagym.weights.load import SafetensorsReader  # noqa: E402
 
 hf_dir, untied_dir, out_path = sys.argv[1:4]
+only = sys.argv[4].split(",") if len(sys.argv) > 4 else None
 TEMP = 0.7
+vocab = json.loads((Path(hf_dir) / "config.json").read_text())["vocab_size"]
 g = torch.Generator().manual_seed(0)
-seqs = [torch.randint(0, 151000, (n,), generator=g).tolist() for n in (13, 9, 17, 5)]
+seqs = [torch.randint(0, min(151000, vocab), (n,), generator=g).tolist() for n in (13, 9, 17, 5)]
 
 
 def hf_reference(path):
@@ -57,8 +61,12 @@ def megatron_logits(policy):
 
 
 results = {}
-for name, path, tp, pp in [("tp1", hf_dir, 1, 1), ("tp2", hf_dir, 2, 1), ("pp2", hf_dir, 1, 2),
-                           ("tp2pp2", hf_dir, 2, 2), ("tp2pp2_untied", untied_dir, 2, 2)]:
+LAYOUTS = [("tp1", hf_dir, 1, 1), ("tp2", hf_dir, 2, 1), ("pp2", hf_dir, 1, 2),
+           ("tp2pp2", hf_dir, 2, 2), ("tp2pp2_untied", untied_dir, 2, 2),
+           ("tp3", hf_dir, 3, 1)]  # tp3 only when asked for (3 ranks): a model with 9 heads / 3 KV heads
+for name, path, tp, pp in LAYOUTS:
+    if (only is None and name == "tp3") or (only is not None and name not in only):
+        continue
     policy = Policy.build(make_cfg(path, tp, pp, grpo={"temperature": TEMP}))
     logits = megatron_logits(policy)
     samples = [Sample(token_ids=s, loss_mask=[1] * len(s), gen_logprobs=[0.0] * len(s), reward=0.0) for s in seqs]
