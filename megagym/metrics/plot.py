@@ -1,20 +1,23 @@
 """`megagym plot RUN_DIR`: PNG curves of a run's metrics.
 
-Owns: turning `metrics.jsonl` into four pictures — training reward, validation score, gen-KL
-(and |trainer - generation| logprob gap), and the per-step time breakdown (generation / training
-/ sync / validation / checkpoint / idle, stacked). Must not: read anything but the JSONL, or need a display.
+Owns: turning `metrics.jsonl` into pictures — training reward, validation score (overall and per
+environment), policy entropy, gen-KL (and |trainer - generation| logprob gap), and the per-step
+time breakdown (generation / training / sync / validation / checkpoint / idle, stacked). Must not: read anything but the JSONL, or need a display.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from megagym.metrics.writer import read_metrics
 
 PANELS = {
     "reward.png": ("Training reward", ["rollout/reward_mean"]),
-    "validation.png": ("Validation", ["val/reward_mean", "val/pass@1", "val/pass@*"]),  # * : every pass@k
+    "validation.png": ("Validation", ["val/reward_mean", "val/pass@1", "val/pass@*"]),  # * : one path part
+    "validation_by_env.png": ("Validation per environment", ["val/*/pass@*"]),
+    "entropy.png": ("Policy entropy (nats per generated token)", ["train/entropy"]),
     "gen_kl.png": ("Train/generation mismatch", ["train/gen_k3", "train/gen_abs_diff"]),
 }
 TIME_KEYS = ["time/generation", "time/training", "time/sync", "time/validation", "time/checkpoint", "time/idle"]
@@ -30,11 +33,13 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def _expand(keys: list[str], records: list[dict]) -> list[str]:
-    """`prefix*` stands for every top-level key of the records that starts with `prefix` (not listed already)."""
+    """A `*` in a key stands for one path part without `/` ("val/*/pass@*": every environment's
+    pass@k); keys listed by name are not repeated."""
     out = []
     for key in keys:
-        if key.endswith("*"):
-            found = {k for r in records for k in r if k.startswith(key[:-1]) and "/" not in k[len(key) - 1:]}
+        if "*" in key:
+            pattern = re.compile("^" + "[^/]+".join(re.escape(p) for p in key.split("*")) + "$")
+            found = {k for r in records for k in r if pattern.match(k)}
             out += sorted(found - set(keys))
         else:
             out.append(key)
