@@ -84,10 +84,11 @@ def KNOWN_SHA() -> str:  # noqa: N802
 
 def test_megatron_logits_match_transformers_tp1_pp2_tp3(imported, tmp_path):
     """TP2 cannot split 9 heads / 3 KV heads: it is refused by name, and TP3 (3 ranks) is checked instead."""
-    from megagym.trainer.model import HFArch, transformer_config
+    from megagym.models import family_of, read_arch
 
+    arch = read_arch(imported[1])
     with pytest.raises(ValueError, match="9 heads / 3 kv heads do not split over TP=2"):
-        transformer_config(HFArch.from_dir(imported[1]), 2, 1, torch.float32)
+        family_of(arch).spec.transformer_config(arch, 2, 1, torch.float32)
     res = {}
     for ranks, layouts in ((2, "tp1,pp2"), (3, "tp3")):
         out = tmp_path / f"parity_{ranks}.json"
