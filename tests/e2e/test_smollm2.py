@@ -165,8 +165,8 @@ def test_two_grpo_steps_through_gym_are_on_policy(two_steps):
     for r in steps:
         assert r["train/gen_abs_diff"] <= 1e-4, r["train/gen_abs_diff"]  # engine == trainer (tied embeddings synced)
         assert r["sync/weight_version"] == r["step"]
-        for env in ("arithmetic", "reasoning_gym"):
-            assert r.get(f"rollout/{env}/rollouts", 0) > 0, sorted(k for k in r if k.startswith("rollout/"))
+    for env in ("arithmetic", "reasoning_gym"):  # the seeded cursor mixes both over the two steps
+        assert sum(r.get(f"rollout/{env}/rollouts", 0) for r in steps) > 0, env
     assert any("val/pass@1" in r for r in recs)
 
 
