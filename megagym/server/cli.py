@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import stat
 import sys
 
@@ -86,15 +87,29 @@ def main(argv: list[str] | None = None) -> int:
     from megagym.server.connections import uvicorn_settings
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(
-        create_app(cfg),
-        host=cfg.host,
-        port=cfg.port,
-        log_level=log_level,
-        timeout_graceful_shutdown=10,
-        **uvicorn_settings(cfg),
-    )
+    try:  # the port is ours before the engine loads: a taken one fails now, not after the load
+        sock = bind_socket(cfg.host, cfg.port)
+    except OSError as e:
+        print(f"megagym serve: cannot bind {cfg.host}:{cfg.port}: {e.strerror.lower() if e.strerror else e}",
+              file=sys.stderr)
+        return 1
+    config = uvicorn.Config(create_app(cfg), log_level=log_level, timeout_graceful_shutdown=10,
+                            **uvicorn_settings(cfg))
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port) for uvicorn to listen on (IPv6 when `host` is one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 if __name__ == "__main__":
