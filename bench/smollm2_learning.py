@@ -1,5 +1,5 @@
 """The real-model learning benchmark: SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32) trained
-with GRPO on two of Gym's own environments (arithmetic through math_with_judge, gcd/leg_counting
+with GRPO on two of Gym's own environments (arithmetic through math_with_judge, chain_sum/gcd
 through reasoning_gym), on held-out validation sets, on several seeds, plus a transfer set phrased
 differently from anything trained on.
 
@@ -9,7 +9,7 @@ eval` of the last checkpoint on the transfer sets; the base model's transfer sco
 The baseline is the same run's own step-0 validation (the base model, same rows, same sampling).
 
 Prints, and writes to OUT/summary.md and OUT/summary.json: per seed and environment, pass@1 and
-pass@4 before -> after, the minutes of wall-clock (from the run's start, validation included) at
+pass@4 before -> after, the minutes of wall-clock (from the launch of `megagym train`, start-up and validation included) at
 which pass@1 first stood 30 points above its start, the largest `train/gen_abs_diff` of any step,
 the entropy at the first and last step; and the transfer sets before -> after.
 
@@ -69,7 +69,8 @@ def seed_summary(run_dir: Path, n: int) -> dict:
     recs = read_metrics(run_dir)
     val = [r for r in recs if any(k.startswith("val/") for k in r)]
     steps = [r for r in recs if "train/gen_abs_diff" in r]
-    start = recs[0]["time"]
+    launched = run_dir / "launched"  # written by main() just before `megagym train` starts
+    start = float(launched.read_text()) if launched.exists() else recs[0]["time"]
     out = {"steps": max(r["step"] for r in recs), "minutes": (recs[-1]["time"] - start) / 60,
            "max_gen_abs_diff": max(r["train/gen_abs_diff"] for r in steps) if steps else None,
            "entropy": [steps[0].get("train/entropy"), steps[-1].get("train/entropy")] if steps else None,
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     for seed in a.seeds:
         run_dir = out / f"seed_{seed}"
         if not a.summarize_only and not (run_dir / "done").exists():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "launched").write_text(f"{time.time():.3f}\n")
             secs = run(MEGAGYM + ["train", CONFIG, f"run.seed={seed}", f"run.output_dir={run_dir}",
                                   f"val.n={a.val_n}"] + extra, out / f"seed_{seed}.log")
             (run_dir / "done").write_text(f"{secs:.0f} s\n")

@@ -66,8 +66,12 @@ def test_reasoning_gym_rows_from_gyms_own_script(tmp_path):
     assert not {r["metadata"]["source_dataset"] for r in s["transfer"]} & set(reasoning_gym.TRAIN_TASKS)
     for r in s["train"]:
         assert r["agent_ref"]["name"] == "reasoning_gym_simple_agent" and r["answer"]  # what the verifier reads
-        example = r["responses_create_params"]["input"][2]["content"]
-        assert example.startswith("<answer>") and example.endswith("</answer>")
+        task = r["metadata"]["source_dataset"]
+        ex = reasoning_gym.create(task, reasoning_gym.TRAIN_TASKS[task], 1, 10, kw["venv"])[0]
+        assert r["responses_create_params"]["input"][1:3] == [  # the worked example: working, then \\boxed{}
+            {"role": "user", "content": ex["question"]},
+            {"role": "assistant", "content": f"{reasoning_gym.WORKING[task](ex['metadata'], ex['answer'])} "
+                                             f"The answer is \\boxed{{{ex['answer']}}}."}]
     with pytest.raises(ValueError, match="must differ"):
         reasoning_gym.build(**{**kw, "example_seed": 11})
     json.dumps(s)  # rows are plain JSON

@@ -2,9 +2,9 @@
 
 Owns: running Gym's own generator (`resources_servers/reasoning_gym/scripts/create_dataset.py`,
 the `reasoning-gym` package, offline and seeded) in Gym's venv, then writing each row's prompt
-format into it: a system line asking for `<answer></answer>` tags and one worked example (a
-question of the same task from its own seed, with its answer) before the question. Rows keep
-`question`, `answer` and `metadata`, which the resources server's verifier (the task's own
+format into it: the arithmetic rows' system line (answer in `\\boxed{}`) and one worked example (a
+question of the same task from its own seed, one line of working, its answer) before the question.
+Rows keep `question`, `answer` and `metadata`, which the resources server's verifier (the task's own
 `score_answer`) reads. Writes `data/reasoning_gym/{train,validation}.jsonl` from different seeds
 with no question in both (nor the worked example), and `transfer.jsonl` from tasks not trained on.
 Must not: score answers or change the verifier (Gym's server does that) or import reasoning_gym
@@ -20,17 +20,27 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from megagym.data.arithmetic import SYSTEM  # one system line for both environments
 from megagym.data.oneshot import one_shot_input, take_unique
 
-SYSTEM = "Answer the question. Give only the final answer, inside <answer></answer> tags."
-EXAMPLE_A = "<answer>{answer}</answer>"
+# The worked example shows one line of working, then the answer in \boxed{} (the reasoning_gym server
+# reads `<answer>` tags first and falls back to the first \boxed{}; the task's own score_answer
+# scores either). Measured base rates of SmolLM2-135M (HF sampling, temperature 1, 32 questions x 4,
+# see docs/smollm2_learning.md): `<answer>` tags and a bare-answer example: chain_sum 0.05, gcd 0.04,
+# letter_counting 0.08; with a line of working and \boxed{}: chain_sum (one digit) 0.53, gcd 0.14.
+WORKING = {
+    "chain_sum": lambda m, a: f"{m['expression']} = {a}.",
+    "products": lambda m, a: f"{m['expression']} = {a}.",
+    "gcd": lambda m, a: f"The divisors shared by {m['numbers'][0]} and {m['numbers'][1]}: the greatest is {a}.",
+    "lcm": lambda m, a: f"The multiples shared by {m['numbers'][0]} and {m['numbers'][1]}: the least is {a}.",
+}
+EXAMPLE_A = "{working} The answer is \\boxed{{{answer}}}."
 
-# task -> reasoning-gym config (difficulty chosen so SmolLM2-135M's base pass@1 is 10-50%)
-# (measured on 8 prompts x 4 samples each, temperature 1: gcd 0.25, leg_counting 0.13)
-TRAIN_TASKS = {"gcd": {"max_value": 30},
-               "leg_counting": {"min_animals": 1, "max_animals": 2, "max_instances": 3}}
-TRANSFER_TASKS = {"chain_sum": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
-                  "products": {"min_digits": 1, "max_digits": 1}}
+# task -> reasoning-gym config; difficulty chosen so that SmolLM2-135M's base pass@1 lies in 10-50%
+TRAIN_TASKS = {"chain_sum": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2},
+               "gcd": {"max_value": 30}}
+TRANSFER_TASKS = {"products": {"min_digits": 1, "max_digits": 1},
+                  "lcm": {"min_value": 2, "max_value": 20}}
 
 DEFAULTS = {"train_size": 600, "validation_size": 128, "transfer_size": 128,
             "train_seed": 11, "validation_seed": 12, "transfer_seed": 13, "example_seed": 10}
@@ -64,7 +74,8 @@ def _create(task: str, config: str, size: int, seed: int, venv: str) -> tuple[di
 
 def one_shot(row: dict, example: dict) -> dict:
     """`row` with its prompt replaced by the system line, the worked example and its question."""
-    answer = EXAMPLE_A.format(answer=example["answer"])
+    task = example["metadata"]["source_dataset"]
+    answer = EXAMPLE_A.format(working=WORKING[task](example["metadata"], example["answer"]), answer=example["answer"])
     row = dict(row)
     row["responses_create_params"] = {"input": one_shot_input(SYSTEM, example["question"], answer, row["question"])}
     return row
