@@ -236,3 +236,24 @@ def test_token_fields_checked_before_use(chat, field, value, expect):
     msgs[2][field] = value
     with pytest.raises(TokenFixError, match=expect):
         chat.prompt_ids(msgs)
+
+
+def test_memoized_sandbox_refuses_what_jinja_refuses(chat):
+    """The render speed-up caches the sandbox's attribute checks per (type, name): the answers stay
+    jinja's own, a template that reaches for internals still fails, and renders are unchanged."""
+    import jinja2.sandbox
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]
+    before = chat.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert chat.render(msgs) == before
+    env = _compile_jinja_template(chat.tokenizer.get_chat_template()).environment
+    reference = jinja2.sandbox.ImmutableSandboxedEnvironment()
+    for obj, attr in [("x", "split"), ("x", "__class__"), ([], "append"), ({}, "get"), ({}, "update"),
+                      (len, "__globals__"), (str, "mro"), ("x", "format")]:
+        assert env.is_safe_attribute(obj, attr, None) == reference.is_safe_attribute(obj, attr, None), (obj, attr)
+        assert env.is_safe_attribute(obj, attr, None) == reference.is_safe_attribute(obj, attr, None)  # cached
+    evil = "{{ messages[0].content.__class__.__mro__ }}"
+    with pytest.raises(TokenFixError, match="SecurityError|UndefinedError|unsafe"):
+        ChatTokenizer(chat.tokenizer, chat_template=evil).render(msgs)
+    assert chat.render(msgs) == before
