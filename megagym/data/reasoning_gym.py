@@ -28,9 +28,13 @@ from megagym.data.oneshot import one_shot_input, take_unique
 # scores either). Measured base rates of SmolLM2-135M (HF sampling, temperature 1, 32 questions x 4,
 # see docs/smollm2_learning.md): `<answer>` tags and a bare-answer example: chain_sum 0.05, gcd 0.04,
 # letter_counting 0.08; with a line of working and \boxed{}: chain_sum (one digit) 0.53, gcd 0.14.
+def _equation(m: dict, a: str) -> str:
+    return f"{m['expression']} = {a}."
+
+
 WORKING = {
-    "chain_sum": lambda m, a: f"{m['expression']} = {a}.",
-    "products": lambda m, a: f"{m['expression']} = {a}.",
+    "chain_sum": _equation,
+    "products": _equation,
     "gcd": lambda m, a: f"The divisors shared by {m['numbers'][0]} and {m['numbers'][1]}: the greatest is {a}.",
     "lcm": lambda m, a: f"The multiples shared by {m['numbers'][0]} and {m['numbers'][1]}: the least is {a}.",
 }

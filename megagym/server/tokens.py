@@ -385,9 +385,6 @@ class ChatTokenizer:
                 )
 
 
-_MEMOIZED_TEMPLATES: set[str] = set()
-
-
 def _memoize_sandbox_checks(template: str) -> None:
     """Make the Jinja sandbox of `template` (the environment transformers compiles and caches for it)
     remember its attribute-safety answers per (type of object, attribute name).
@@ -399,13 +396,13 @@ def _memoize_sandbox_checks(template: str) -> None:
     it refused; only the repeated work goes. Does nothing if transformers' compile cache is not
     where it is expected (rendering is then as before, only slower).
     """
-    if template in _MEMOIZED_TEMPLATES:
-        return
     try:
         from transformers.utils.chat_template_utils import _compile_jinja_template
 
-        env = _compile_jinja_template(template).environment
+        env = _compile_jinja_template(template).environment  # lru-cached: the same object every call
     except Exception:  # noqa: BLE001 - an optimisation only
+        return
+    if getattr(env, "megagym_memoized", False):
         return
     check = env.is_safe_attribute
     answers: dict[tuple[type, str], bool] = {}
@@ -420,8 +417,7 @@ def _memoize_sandbox_checks(template: str) -> None:
         return safe
 
     env.is_safe_attribute = is_safe_attribute
-    if len(_MEMOIZED_TEMPLATES) < 64:
-        _MEMOIZED_TEMPLATES.add(template)
+    env.megagym_memoized = True  # marked on the environment itself: wrapped once, however many templates
 
 
 def _around(text: str, at: int) -> str:
