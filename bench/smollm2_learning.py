@@ -1,5 +1,5 @@
 """The real-model learning benchmark: SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32) trained
-with GRPO on two of Gym's own environments (arithmetic through math_with_judge, chain_sum/gcd
+with GRPO on two of Gym's own environments (arithmetic through math_with_judge, chain_sum/products
 through reasoning_gym), on held-out validation sets, on several seeds, plus a transfer set phrased
 differently from anything trained on.
 

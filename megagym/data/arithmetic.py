@@ -32,7 +32,8 @@ WORDS = [
     ("A box has {a} rows of {b} eggs. How many eggs are in the box?", "*"),
 ]
 
-DEFAULTS = {"train_size": 1000, "validation_size": 128, "transfer_size": 128,
+# as many training rows as reasoning_gym: the seeded cursor then mixes the two 1:1 (12 steps use ~50 each)
+DEFAULTS = {"train_size": 500, "validation_size": 128, "transfer_size": 128,
             "train_seed": 1, "validation_seed": 2, "transfer_seed": 3}
 
 

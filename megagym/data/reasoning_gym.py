@@ -42,11 +42,12 @@ EXAMPLE_A = "{working} The answer is \\boxed{{{answer}}}."
 
 # task -> reasoning-gym config; difficulty chosen so that SmolLM2-135M's base pass@1 lies in 10-50%
 TRAIN_TASKS = {"chain_sum": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2},
-               "gcd": {"max_value": 30}}
-TRANSFER_TASKS = {"products": {"min_digits": 1, "max_digits": 1},
+               "products": {"min_digits": 1, "max_digits": 1, "allow_negation": True}}  # -9..9: 361 questions
+TRANSFER_TASKS = {"gcd": {"max_value": 30},
                   "lcm": {"min_value": 2, "max_value": 20}}
 
-DEFAULTS = {"train_size": 600, "validation_size": 128, "transfer_size": 128,
+# as many training rows as the arithmetic environment: the seeded cursor then mixes the two 1:1
+DEFAULTS = {"train_size": 500, "validation_size": 128, "transfer_size": 128,
             "train_seed": 11, "validation_seed": 12, "transfer_seed": 13, "example_seed": 10}
 
 
