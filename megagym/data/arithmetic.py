@@ -32,7 +32,7 @@ WORDS = [
     ("A box has {a} rows of {b} eggs. How many eggs are in the box?", "*"),
 ]
 
-# as many training rows as reasoning_gym: the seeded cursor then mixes the two 1:1 (12 steps use ~50 each)
+# as many training rows as reasoning_gym: the seeded cursor then mixes the two 1:1 (18 steps use ~72 each)
 DEFAULTS = {"train_size": 500, "validation_size": 128, "transfer_size": 128,
             "train_seed": 1, "validation_seed": 2, "transfer_seed": 3}
 
@@ -81,9 +81,9 @@ def build(train_size: int, validation_size: int, transfer_size: int, train_seed:
         raise ValueError("train_seed and validation_seed must differ")
     key = lambda r: r["question"]  # noqa: E731
     taken = {EXAMPLE_Q}
-    validation = take_unique(problems(validation_seed), validation_size, key, taken)
-    train = take_unique(problems(train_seed), train_size, key, taken)
-    transfer = take_unique(word_problems(transfer_seed), transfer_size, key, set())
+    validation = take_unique(problems(validation_seed), validation_size, key, taken, what="arithmetic validation")
+    train = take_unique(problems(train_seed), train_size, key, taken, what="arithmetic train")
+    transfer = take_unique(word_problems(transfer_seed), transfer_size, key, set(), what="arithmetic transfer")
     return {"train": train, "validation": validation, "transfer": transfer}
 
 

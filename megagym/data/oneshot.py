@@ -22,7 +22,7 @@ def one_shot_input(system: str, example_question: str, example_answer: str, ques
 
 
 def take_unique(candidates: Iterable[dict], size: int, key: Callable[[dict], str], exclude: set[str],
-                patience: int = 10_000) -> list[dict]:
+                patience: int = 10_000, what: str = "questions") -> list[dict]:
     """The first `size` candidates whose key is neither in `exclude` nor taken already; adds the keys taken
     to `exclude`. Raises when the candidates run out or `patience` in a row bring nothing new (an endless
     generator over a question space too small for `size`)."""
@@ -40,4 +40,5 @@ def take_unique(candidates: Iterable[dict], size: int, key: Callable[[dict], str
         out.append(c)
         if len(out) == size:
             return out
-    raise ValueError(f"only {len(out)} distinct questions available, {size} asked for")
+    raise ValueError(f"{what}: only {len(out)} distinct questions available, {size} asked for "
+                     "(a smaller split size or a wider task configuration fixes it)")

@@ -94,7 +94,8 @@ def _split(tasks: dict, size: int, seed: int, example_seed: int, taken: set[str]
         example = create(task, config, 1, example_seed, venv)[0]
         taken.add(example["question"])
         pool = create(task, config, 4 * n + 16, seed, venv)  # room for duplicates
-        per_task.append([one_shot(r, example) for r in take_unique(pool, n, lambda r: r["question"], taken)])
+        per_task.append([one_shot(r, example) for r in take_unique(pool, n, lambda r: r["question"], taken,
+                                                                  what=f"reasoning_gym {task} {config}")])
     # interleaved, so that the first k rows (a validation limit) cover every task
     return [r for group in itertools.zip_longest(*per_task) for r in group if r is not None]
 
