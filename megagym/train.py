@@ -8,7 +8,10 @@ One step, as the code below reads:
     -> validation every `val.every` steps -> checkpoint every `checkpoint.every_steps`.
 In "one_step_off" mode the rollouts of step t+1 run while step t trains; they finish before the
 weights change, so every trajectory comes from one weight version, one step stale (truncated
-importance sampling against the generation logprobs corrects for it).
+importance sampling against the generation logprobs corrects for it). In "async" mode rollouts
+never stop (megagym.rollout.stream): a step takes the oldest finished groups that are at most
+`train.max_staleness` weight versions old, and a sync freezes running generations, swaps the
+weights and lets them go on (each token keeps the version that made it).
 
 Every trainer rank runs `train()`; rank 0's work (Gym, the rollouts, the weight sender, the
 metrics) sits behind `megagym.driver.Driver`, which does nothing on the other ranks, and the

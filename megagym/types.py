@@ -22,6 +22,10 @@ class Sample:
     group_index   the GRPO group within its training batch: samples with the same id share a
                   baseline. A batch may hold one row twice (its prompts cross an epoch), so the
                   batch numbers its groups (`rollout.batches`); until then it is the row index.
+    weight_version  the oldest weight version any of its generated tokens came from
+    token_versions  the weight version of each token (aligned with token_ids; -1 where loss_mask==0);
+                  empty when every generated token came from `weight_version` (a generation that
+                  spans an in-flight weight update has several: megagym.token_versions)
     (A rollout that failed yields no Sample: its reason is in `RolloutGroup.failures`.)
     """
 
@@ -37,6 +41,7 @@ class Sample:
     mask_sample: bool = False
     weight_version: int = 0
     advantage: float = 0.0
+    token_versions: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n = len(self.token_ids)
@@ -45,6 +50,15 @@ class Sample:
                 f"sample of row {self.row_index}: token_ids ({n}), loss_mask "
                 f"({len(self.loss_mask)}) and gen_logprobs ({len(self.gen_logprobs)}) differ in length"
             )
+        if self.token_versions and len(self.token_versions) != n:
+            raise ValueError(f"sample of row {self.row_index}: token_versions ({len(self.token_versions)}) "
+                             f"and token_ids ({n}) differ in length")
+
+    def generated_versions(self) -> list[int]:
+        """The weight version of each generated token, in order."""
+        if not self.token_versions:
+            return [self.weight_version] * self.num_generated
+        return [v for v, m in zip(self.token_versions, self.loss_mask) if m]
 
     @property
     def num_generated(self) -> int:

@@ -30,7 +30,15 @@ class TrainSection:
 
     mode               "sync": generate with the current weights, then train; "one_step_off":
                        generation for step t+1 overlaps training of step t (samples one step stale,
-                       corrected by truncated importance sampling against their generation logprobs)
+                       corrected by truncated importance sampling against their generation logprobs);
+                       "async": rollouts run continuously, a weight sync freezes in-flight
+                       generations and they continue on the new weights (each token keeps the
+                       version that generated it); a step trains on the first `prompts_per_step`
+                       finished groups whose oldest token is at most `max_staleness` versions old
+    max_staleness      async: how many weight versions behind the trainer a group's oldest token may
+                       be; it also bounds the groups in flight (prompts_per_step x (1 + max_staleness))
+    stale_groups       async: "drop" groups older than that (counted in async/dropped_stale_groups)
+                       or "keep" them (trained with the importance-sampling correction)
     dynamic_sampling   drop groups whose rewards are all equal (no signal) and refill with new prompts,
                        at most `max_refill_rounds` times a step
     overlong_filter    leave truncated trajectories (stopped at max_output_tokens) out of the loss
@@ -40,7 +48,9 @@ class TrainSection:
 
     steps: int = 10
     prompts_per_step: int = 8
-    mode: Literal["sync", "one_step_off"] = "sync"
+    mode: Literal["sync", "one_step_off", "async"] = "sync"
+    max_staleness: int = 1
+    stale_groups: Literal["drop", "keep"] = "drop"
     dynamic_sampling: bool = False
     max_refill_rounds: int = 2
     overlong_filter: bool = False
@@ -53,6 +63,8 @@ class TrainSection:
             raise ValueError("steps must be >= 0 and prompts_per_step >= 1")
         if self.max_refill_rounds < 0 or self.gym_restarts < 0:
             raise ValueError("max_refill_rounds >= 0 and gym_restarts >= 0 are required")
+        if self.max_staleness < 0:
+            raise ValueError(f"max_staleness: must be >= 0 (weight versions), got {self.max_staleness}")
 
 
 @dataclass
@@ -101,6 +113,10 @@ class RunConfig:
                              f"({self.rollout.temperature}): the trainer recomputes the sampled distribution")
         if self.rollout.top_p != 1.0:
             raise ValueError("rollout.top_p must be 1.0: the trainer's logprobs do not renormalise a nucleus")
+        if self.train.mode == "async" and self.grpo.tis_threshold is None:
+            raise ValueError("train.mode=async needs grpo.tis_threshold (truncated importance sampling): "
+                             "async samples come from older weights, and tis_threshold: null turns the "
+                             "correction off")
         key = self.servers.settings.get("api_key")
         if key:  # one source of truth: Gym's model proxy must send the servers' key
             if self.env.policy_api_key not in ("dummy", key):

@@ -3,15 +3,17 @@
 Owns (rank 0 only): the resumable prompt cursor over the training rows, one step's collection of
 groups (with DAPO-style dynamic sampling: groups whose rewards are all equal carry no signal and
 are replaced by new prompts, a bounded number of times), prefetching the next batch in a
-background thread for the one-step-off mode, and validation rollouts (scored by `validation.py`).
+background thread for the one-step-off mode, handing async mode to `stream.RolloutStream`, and
+validation rollouts (scored by `validation.py`).
 Must not: touch the model or weights; the loop decides when weights change, and it must wait
 for a prefetch to finish before it changes them (no trajectory may span two weight versions).
 
 Weight versions: Gym's model proxy does not pass the policy servers' `weight_version` through to
-the agent's answer, so the samples are stamped from `weight_version`, which the loop sets to the
-version the servers acknowledged after each sync. It is exact because the weights never change
-while a batch is being collected (the loop waits for a prefetch before it syncs): a batch is read
-at its start and every one of its samples carries it.
+the agent's answer, so the rollout manager looks each model call's per-token versions up on the
+policy servers afterwards (megagym.token_versions). Where no server has the record the samples are
+stamped from `weight_version`, which the loop sets to the version the servers acknowledged after
+each sync; in the sync and one-step-off modes that is exact too, because the weights never change
+while a batch is being collected (the loop waits for a prefetch before it syncs).
 
 A Gym server that has died makes every later rollout through it fail, so a batch never goes on
 without it: `next()` and `validate()` raise `GymDied` (checked before prompts are taken and after
@@ -30,6 +32,7 @@ from megagym.data.dataset import PromptCursor
 from megagym.gym.rows import load_env_rows
 from megagym.rollout import validation
 from megagym.rollout.manager import RolloutManager
+from megagym.rollout.stream import RolloutStream
 from megagym.types import RolloutGroup
 
 
@@ -39,6 +42,7 @@ class Batch:
     cursor_state: dict  # the cursor right after this batch's prompts were taken
     seconds: float
     metrics: dict = field(default_factory=dict)
+    trainer_version: int = 0  # the weights the batch is trained from (what the servers served when it was taken)
 
     @property
     def samples(self):
@@ -63,14 +67,30 @@ class BatchSource:
         self.weight_version = int(cfg.servers.settings.get("initial_weight_version", 0))  # what the servers serve
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="megagym-rollouts")
         self._pending: Future | None = None
+        self.stream = RolloutStream(self.manager, self.rows, self.cursor, cfg.train, self._check_gym, GymDied) \
+            if cfg.train.mode == "async" else None
+
+    @property
+    def weight_version(self) -> int:
+        """The version the policy servers serve (set by the loop after each sync)."""
+        return self._weight_version
+
+    @weight_version.setter
+    def weight_version(self, version: int) -> None:
+        self._weight_version = int(version)
+        self.manager.weight_version = self._weight_version  # async: the stamp of rollouts starting now
 
     def rebind(self, stack) -> None:
         """Send rollouts to `stack` (a restarted Gym) from now on."""
         cfg = self.cfg
         self.stack = stack
-        self.manager = RolloutManager(cfg.rollout, stack)
+        servers = dict(policy_servers=cfg.servers.urls, api_key=cfg.servers.settings.get("api_key"))
+        self.manager = RolloutManager(cfg.rollout, stack, **servers)
+        self.manager.weight_version = getattr(self, "_weight_version", 0)
         self.val_manager = RolloutManager(validation.rollout_config(cfg.rollout, cfg.val), stack,
-                                          success_threshold=cfg.val.success_threshold)
+                                          success_threshold=cfg.val.success_threshold, **servers)
+        if getattr(self, "stream", None) is not None:
+            self.stream.restart(self.manager)
 
     # ------------------------------------------------------------------ training batches
     def _collect(self) -> Batch:
@@ -132,7 +152,21 @@ class BatchSource:
             self._pending.exception()
 
     def next(self) -> Batch:
-        """The prefetched batch if there is one, else a batch collected now."""
+        """Async: the stream's next groups; else the prefetched batch if there is one, else a batch
+        collected now."""
+        batch = self._next()
+        batch.trainer_version = self.weight_version
+        return batch
+
+    def _next(self) -> Batch:
+        if self.stream is not None:
+            t0 = time.monotonic()
+            groups, metrics = self.stream.take(self.cfg.train.prompts_per_step, self.weight_version)
+            for group_id, g in enumerate(groups):
+                for s in g.samples:
+                    s.group_index = group_id
+            metrics["batch/groups"] = len(groups)
+            return Batch(groups, {}, time.monotonic() - t0, metrics)
         if self._pending is not None:
             pending, self._pending = self._pending, None
             return pending.result()
@@ -153,13 +187,22 @@ class BatchSource:
         return out
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
-        return {"cursor": self.cursor.state_dict()}
+    def state_dict(self, cursor_after_last_batch: dict | None = None) -> dict:
+        """What a checkpoint keeps: the cursor right after the last trained batch; async: the
+        stream's snapshot (cursor, rows still running, finished groups not yet trained)."""
+        if self.stream is not None:
+            return self.stream.state_dict()
+        return {"cursor": cursor_after_last_batch or self.cursor.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.cursor.load_state_dict(state["cursor"])
+        if self.stream is not None:
+            self.stream.load_state_dict(state)
+        else:
+            self.cursor.load_state_dict(state["cursor"])
 
     def close(self) -> None:
+        if self.stream is not None:
+            self.stream.stop()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 

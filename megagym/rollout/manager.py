@@ -27,7 +27,8 @@ import httpx
 
 from megagym.rollout.config import RolloutConfig
 from megagym.rollout.metrics import Progress, RolloutMetrics
-from megagym.rollout.trajectory import ContiguityError, TrajectoryError, trajectory_to_sample
+from megagym.rollout.trajectory import ContiguityError, TrajectoryError, model_calls, trajectory_to_sample
+from megagym.token_versions import generation_key
 from megagym.types import RolloutGroup, Sample
 
 def stamp_row(row: dict, cfg: RolloutConfig) -> dict:
@@ -45,6 +46,9 @@ class _Done:
     row_index: int
     result: dict | None = None
     failure: str | None = None
+    version: int = 0  # the servers' weight version when the rollout started (fallback stamp)
+    call_versions: list | None = None  # per model call: boundaries from the serving policy server
+    call_servers: list | None = None  # per model call: which policy server had its record
 
 
 class RolloutManager:
@@ -56,7 +60,8 @@ class RolloutManager:
 
     def __init__(self, cfg: RolloutConfig, stack=None, *, agents: dict[str, str] | None = None,
                  agent_to_env: dict[str, str] | None = None, success_threshold: float = 1.0,
-                 keep_results: bool = False, transport: httpx.AsyncBaseTransport | None = None):
+                 keep_results: bool = False, transport: httpx.AsyncBaseTransport | None = None,
+                 policy_servers: Sequence[str] = (), api_key: str | None = None):
         self.cfg = cfg
         self.stack = stack
         self.agents = dict(agents if agents is not None else (stack.agents if stack else {}))
@@ -71,6 +76,9 @@ class RolloutManager:
         self.keep_results = keep_results  # keep raw /run answers in `results[row_index]` (debugging, tests)
         self.results: dict[int, list[dict]] = {}
         self._transport = transport  # tests inject a fake transport
+        # where each model call's token versions are looked up (policy server base URLs, no /v1)
+        self.policy_servers = [u.rstrip("/") for u in policy_servers]
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     # ------------------------------------------------------------------ public API
     def agent_of(self, row: dict, row_index: int) -> str:
@@ -90,43 +98,51 @@ class RolloutManager:
         indices = list(range(len(rows))) if indices is None else list(indices)
         if len(indices) != len(rows):
             raise ValueError(f"{len(rows)} rows but {len(indices)} indices")
-        agents = [self.agent_of(row, i) for row, i in zip(rows, indices)]
-        bodies = [stamp_row(row, self.cfg) for row in rows]
-        n = self.cfg.n
+        for row, i in zip(rows, indices):
+            self.agent_of(row, i)  # every row routes somewhere before anything starts
         self.metrics = metrics = RolloutMetrics(self.success_threshold)
-        progress = Progress(len(rows) * n, self.cfg.progress)
+        progress = Progress(len(rows) * self.cfg.n, self.cfg.progress)
         sem = asyncio.Semaphore(self.cfg.max_concurrency)
-        limits = httpx.Limits(max_connections=self.cfg.max_concurrency,
-                              max_keepalive_connections=self.cfg.max_concurrency)
-        queue: asyncio.Queue[tuple[int, _Done]] = asyncio.Queue()
         t0 = time.monotonic()
         self.results = {}
-        async with httpx.AsyncClient(limits=limits, timeout=self.cfg.request_timeout_s,
-                                     transport=self._transport) as client:
-
-            async def one(pos: int) -> None:
-                async with sem:
-                    done = await self._run_one(client, agents[pos], bodies[pos], indices[pos])
-                await queue.put((pos, done))
-
-            tasks = [asyncio.create_task(one(pos)) for pos in range(len(rows)) for _ in range(n)]
-            pending: dict[int, list[_Done]] = {}
+        async with self.client() as client:
+            tasks = [asyncio.create_task(self.run_group(client, sem, row, i, metrics, progress))
+                     for row, i in zip(rows, indices)]
             try:
-                for _ in range(len(tasks)):
-                    pos, done = await queue.get()
-                    pending.setdefault(pos, []).append(done)
-                    progress.update(done.result.get("reward") if done.result else None)
-                    if len(pending[pos]) == n:
-                        group = self._group(indices[pos], agents[pos], pending.pop(pos), metrics)
-                        metrics.groups += 1
-                        metrics.seconds = time.monotonic() - t0
-                        yield group
+                for next_done in asyncio.as_completed(tasks):
+                    group = await next_done
+                    metrics.seconds = time.monotonic() - t0
+                    yield group
             finally:
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 progress.close()
                 metrics.seconds = time.monotonic() - t0
+
+    def client(self) -> httpx.AsyncClient:
+        """The HTTP client rollouts share (connections bounded by `max_concurrency`)."""
+        limits = httpx.Limits(max_connections=self.cfg.max_concurrency,
+                              max_keepalive_connections=self.cfg.max_concurrency)
+        return httpx.AsyncClient(limits=limits, timeout=self.cfg.request_timeout_s, transport=self._transport)
+
+    async def run_group(self, client: httpx.AsyncClient, sem: asyncio.Semaphore, row: dict, row_index: int,
+                        metrics: RolloutMetrics, progress: Progress | None = None) -> RolloutGroup:
+        """The `n` rollouts of one row (each holding `sem` while it runs) as one `RolloutGroup`."""
+        agent = self.agent_of(row, row_index)
+        body = stamp_row(row, self.cfg)
+
+        async def one() -> _Done:
+            async with sem:
+                done = await self._run_one(client, agent, body, row_index)
+            if progress is not None:
+                progress.update(done.result.get("reward") if done.result else None)
+            return done
+
+        dones = await asyncio.gather(*[one() for _ in range(self.cfg.n)])
+        group = self._group(row_index, agent, list(dones), metrics)
+        metrics.groups += 1
+        return group
 
     def collect(self, rows: Sequence[dict], indices: Sequence[int] | None = None) -> list[RolloutGroup]:
         """Synchronous helper: all groups of `rows`, in completion order."""
@@ -146,7 +162,7 @@ class RolloutManager:
         for d in dones:
             if d.failure is None:
                 try:
-                    s = trajectory_to_sample(d.result, row_index, env, self.weight_version)
+                    s = trajectory_to_sample(d.result, row_index, env, d.version, d.call_versions)
                 except ContiguityError:
                     raise
                 except TrajectoryError as e:
@@ -154,6 +170,7 @@ class RolloutManager:
                 else:
                     samples.append(s)
                     metrics.add_sample(s)
+                    metrics.add_versions(d.call_versions, d.call_servers)
                     continue
             failures.append(d.failure)
             metrics.add_failure(env, d.failure)
@@ -179,6 +196,40 @@ class RolloutManager:
         return None
 
     async def _run_one(self, client: httpx.AsyncClient, agent: str, body: dict, row_index: int) -> _Done:
+        version = self.weight_version
+        done = await self._run_once(client, agent, body, row_index)
+        done.version = version
+        if done.result is not None and self.policy_servers:
+            done.call_versions, done.call_servers = await self._call_versions(client, done.result)
+        return done
+
+    async def _call_versions(self, client: httpx.AsyncClient, result: dict) -> tuple[list, list]:
+        """Per model call of `result`: the weight-version boundaries its policy server recorded, and
+        which server that was (None for both where no server has the record)."""
+        output = (result.get("response") or {}).get("output")
+        calls = model_calls(output) if isinstance(output, list) else []
+        keys = []
+        for item in calls:
+            prompt, gen = item.get("prompt_token_ids"), item.get("generation_token_ids")
+            keys.append(generation_key(prompt, gen) if isinstance(prompt, list) and isinstance(gen, list) else None)
+        versions: list = [None] * len(keys)
+        servers: list = [None] * len(keys)
+        for url in self.policy_servers:
+            todo = [i for i, k in enumerate(keys) if k is not None and versions[i] is None]
+            if not todo:
+                break
+            try:
+                r = await client.post(f"{url}/megagym/token_versions", json={"keys": [keys[i] for i in todo]},
+                                      headers=self._headers, timeout=30.0)
+                found = r.json()["versions"] if r.status_code == 200 else []
+            except (httpx.HTTPError, ValueError, KeyError, TypeError):
+                continue  # a dead server: its calls keep the fallback stamp
+            for i, b in zip(todo, found):
+                if b:
+                    versions[i], servers[i] = b, url
+        return versions, servers
+
+    async def _run_once(self, client: httpx.AsyncClient, agent: str, body: dict, row_index: int) -> _Done:
         url = f"{self.agents[agent].rstrip('/')}/run"
         cfg = self.cfg
         error = "not attempted"

@@ -2,13 +2,15 @@
 
 Owns: `RolloutMetrics` — counts and means per environment over one batch (reward mean, success
 rate, model calls per trajectory, generated and total tokens, truncation, masked samples, failures
-and their reasons) flattened into `rollout/<env>/<name>` keys for the metrics logger; `Progress`,
+and their reasons; model calls without a token-version record and trajectories split across
+policy servers) flattened into `rollout/<env>/<name>` keys for the metrics logger; `Progress`,
 a tqdm bar over the rollouts of a batch (stderr) that can be switched off.
 Must not: decide what a failure is or touch the network.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -38,6 +40,9 @@ class RolloutMetrics:
         self.envs: dict[str, _EnvStats] = defaultdict(_EnvStats)
         self.groups = 0
         self.seconds = 0.0
+        self.looked_up = False
+        self.unversioned_calls = 0  # model calls no policy server had a version record for
+        self.split_rollouts = 0  # trajectories whose model calls were served by more than one server
 
     def add_sample(self, s: Sample) -> None:
         e = self.envs[s.env]
@@ -49,6 +54,31 @@ class RolloutMetrics:
         e.total_tokens += len(s.token_ids)
         e.truncated += s.truncated
         e.masked += s.mask_sample
+
+    def add_versions(self, call_versions: list | None, call_servers: list | None) -> None:
+        """What the token-version lookup found for one trajectory (nothing when none was made)."""
+        if call_versions is None:
+            return
+        self.looked_up = True
+        self.unversioned_calls += sum(v is None for v in call_versions)
+        self.split_rollouts += len({s for s in (call_servers or []) if s is not None}) > 1
+
+    def merge(self, other: "RolloutMetrics") -> None:
+        """Add `other`'s counts (another group's) to these."""
+        for env, o in other.envs.items():
+            e = self.envs[env]
+            for f in dataclasses.fields(_EnvStats):
+                mine, theirs = getattr(e, f.name), getattr(o, f.name)
+                if isinstance(mine, list):
+                    mine.extend(theirs)
+                elif isinstance(mine, Counter):
+                    mine.update(theirs)
+                else:
+                    setattr(e, f.name, mine + theirs)
+        self.groups += other.groups
+        self.looked_up |= other.looked_up
+        self.unversioned_calls += other.unversioned_calls
+        self.split_rollouts += other.split_rollouts
 
     def add_failure(self, env: str, reason: str) -> None:
         e = self.envs[env]
@@ -77,6 +107,9 @@ class RolloutMetrics:
         if all_ok:
             out["rollout/reward_mean"] = sum(all_ok) / len(all_ok)
         out["rollout/groups"] = self.groups
+        if self.looked_up:
+            out["rollout/version_lookup_failures"] = self.unversioned_calls
+            out["rollout/split_server_rollouts"] = self.split_rollouts
         if self.seconds > 0:
             out["rollout/seconds"] = self.seconds
             out["rollout/rollouts_per_s"] = out["rollout/rollouts"] / self.seconds

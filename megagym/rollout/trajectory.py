@@ -13,6 +13,7 @@ Must not: tokenize, call servers, or guess missing token fields.
 
 from __future__ import annotations
 
+from megagym.token_versions import expand
 from megagym.types import Sample
 
 
@@ -29,8 +30,12 @@ def model_calls(output: list[dict]) -> list[dict]:
     return [item for item in output if item.get("generation_token_ids")]
 
 
-def trajectory_to_sample(result: dict, row_index: int, env: str = "", weight_version: int = 0) -> Sample:
-    """Build the training sample of one `/run` result (see module docstring for the rules)."""
+def trajectory_to_sample(result: dict, row_index: int, env: str = "", weight_version: int = 0,
+                         call_versions: list | None = None) -> Sample:
+    """Build the training sample of one `/run` result (see module docstring for the rules).
+
+    `call_versions`: per model call, the weight-version boundaries the policy server recorded
+    (megagym.token_versions) or None; a call without them is stamped `weight_version`."""
     response = result.get("response")
     if not isinstance(response, dict) or not isinstance(response.get("output"), list):
         raise TrajectoryError(f"row {row_index}: /run result has no response.output")
@@ -46,6 +51,7 @@ def trajectory_to_sample(result: dict, row_index: int, env: str = "", weight_ver
     loss_mask: list[int] = []
     logprobs: list[float] = []
     turn_starts: list[int] = []
+    versions: list[int] = []
     for turn, item in enumerate(calls):
         prompt = item.get("prompt_token_ids")
         gen = item["generation_token_ids"]
@@ -70,10 +76,16 @@ def trajectory_to_sample(result: dict, row_index: int, env: str = "", weight_ver
         token_ids.extend(delta)
         loss_mask.extend([0] * len(delta))
         logprobs.extend([0.0] * len(delta))
+        versions.extend([-1] * len(delta))
         turn_starts.append(len(token_ids))
         token_ids.extend(gen)
         loss_mask.extend([1] * len(gen))
         logprobs.extend(float(x) for x in lps)
+        bounds = call_versions[turn] if call_versions and turn < len(call_versions) else None
+        try:
+            versions.extend(expand(bounds, len(gen)) if bounds else [weight_version] * len(gen))
+        except ValueError as e:
+            raise TrajectoryError(f"row {row_index}: model call {turn}: {e}") from None
     inc = response.get("incomplete_details") or {}
     reward = result.get("reward")
     if reward is None:
@@ -89,5 +101,6 @@ def trajectory_to_sample(result: dict, row_index: int, env: str = "", weight_ver
         turn_starts=turn_starts,
         truncated=inc.get("reason") == "max_output_tokens",
         mask_sample=bool(result.get("mask_sample")),
-        weight_version=weight_version,
+        weight_version=min(v for v in versions if v >= 0),
+        token_versions=versions if len({v for v in versions if v >= 0}) > 1 else [],
     )

@@ -301,3 +301,39 @@ def test_samples_carry_the_weight_version_the_servers_had_when_their_batch_began
         assert {s.weight_version for s in source.next().samples} == {3}
     finally:
         source.close()
+
+
+def test_token_versions_are_looked_up_on_the_policy_servers_per_model_call():
+    """Gym drops every field but the token ones, so each model call's weight versions are looked up
+    by its token key on the policy servers: the one that served it answers, the others have none."""
+    from megagym.token_versions import generation_key
+
+    calls = [([1, 2], [3, 4, 5]), ([1, 2, 3, 4, 5, 6], [7, 8])]
+    records = {"http://policy-b": {generation_key(*calls[0]): [[0, 4], [2, 5]], generation_key(*calls[1]): [[0, 5]]}}
+    asked = []
+
+    def handler(request: httpx.Request):
+        host = f"http://{request.url.host}"
+        if request.url.path == "/megagym/token_versions":
+            keys = json.loads(request.content)["keys"]
+            asked.append((host, len(keys)))
+            return httpx.Response(200, json={"versions": [records.get(host, {}).get(k) for k in keys]})
+        out = [_call(p, g) for p, g in calls]
+        return httpx.Response(200, json={"reward": 1.0, "response": {"output": out}})
+
+    rc = RolloutConfig(n=1, max_concurrency=2, request_timeout_s=5.0, progress=False)
+    mgr = RolloutManager(rc, agents={"a": "http://agent-a"}, agent_to_env={"a": "env_a"},
+                         transport=httpx.MockTransport(handler), policy_servers=["http://policy-a", "http://policy-b/"])
+    mgr.weight_version = 9  # the fallback stamp is not used: both calls have records
+    (group,) = mgr.collect(_rows("a"))
+    (s,) = group.samples
+    assert s.generated_versions() == [4, 4, 5, 5, 5] and s.weight_version == 4
+    assert s.token_versions == [-1, -1, 4, 4, 5, -1, 5, 5]
+    assert asked == [("http://policy-a", 2), ("http://policy-b", 2)]
+    m = mgr.metrics.summary()
+    assert m["rollout/version_lookup_failures"] == 0 and m["rollout/split_server_rollouts"] == 0
+    # no server has a record (e.g. it died): the calls keep the version the rollout started with
+    records.clear()
+    (group,) = mgr.collect(_rows("a"))
+    assert group.samples[0].generated_versions() == [9] * 5 and group.samples[0].token_versions == []
+    assert mgr.metrics.summary()["rollout/version_lookup_failures"] == 2
