@@ -63,6 +63,30 @@ def test_truncated_importance_weight():
     assert off.is_weight.tolist() == [1.0, 1.0]
 
 
+def test_a_sample_spanning_two_weight_versions_weighs_each_token_by_its_own_behaviour_policy():
+    """Async mode: a generation frozen at a weight swap has its first k tokens from version a and
+    the rest from version b. Each token's generation logprob is the one its own version gave, so
+    truncated importance sampling corrects each token against its own behaviour policy: the loss
+    of the whole sample is the sum of the losses of its two parts, each with its own version."""
+    torch.manual_seed(0)
+    vocab, n, k = 11, 8, 3
+    a, b, now = (torch.randn(n, vocab) for _ in range(3))  # logits of versions a, b and the trainer's
+    tokens = torch.randint(vocab, (n,))
+    pick = lambda logits: torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0]  # noqa: E731
+    gen = torch.cat([pick(a)[:k], pick(b)[k:]])  # what the engine reported, per token
+    logp = pick(now).requires_grad_()
+    adv = torch.full((n,), 0.7)
+    whole = grpo_token_loss(logp, logp.detach(), gen, adv, tis_threshold=2.0)
+    first = grpo_token_loss(logp[:k], logp[:k].detach(), pick(a)[:k], adv[:k], tis_threshold=2.0)
+    rest = grpo_token_loss(logp[k:], logp[k:].detach(), pick(b)[k:], adv[k:], tis_threshold=2.0)
+    assert torch.allclose(whole.loss, torch.cat([first.loss, rest.loss]), atol=1e-7)
+    expect = torch.clamp(torch.exp(logp.detach() - gen), max=2.0)
+    assert torch.allclose(whole.is_weight, expect, atol=1e-7)
+    # the stale part is weighted against version a, not b: swapping them changes the weights
+    wrong = grpo_token_loss(logp, logp.detach(), pick(b), adv, tis_threshold=2.0)
+    assert not torch.allclose(wrong.is_weight[:k], whole.is_weight[:k])
+
+
 def test_kl_term_and_k3():
     assert k3(torch.tensor([0.0]), torch.tensor([0.0])).item() == 0.0
     assert k3(torch.tensor([-1.0]), torch.tensor([-2.0])).item() > 0
