@@ -1,11 +1,19 @@
 """The policy server's FastAPI app: OpenAI-compatible chat completions with exact token information.
 
 Owns: the HTTP surface — `POST /v1/chat/completions`, `POST /tokenize`, `GET /v1/models`,
-`GET /health` — request → prompt ids (tokens.py, off the event loop) → sampling guard
-(sampling.py) → engine (engine.py) → OpenAI-schema response with `prompt_token_ids`,
-`generation_token_ids`, `generation_log_probs` on each choice's message, tool calls and reasoning
-parsed by vLLM's own parsers, and the weight version on every response (body field
-`weight_version` and header `x-weight-version`). Every refusal is a 4xx naming the field, and
+`GET /health`, `POST /megagym/token_versions` — request → prompt ids (tokens.py, off the event
+loop) → sampling guard (sampling.py) → engine (engine.py) → OpenAI-schema response with
+`prompt_token_ids`, `generation_token_ids`, `generation_log_probs` and
+`generation_weight_versions` (which weight version produced each token, as boundaries
+`[[start_index, version], ...]`, megagym.token_versions) on each choice's message, tool calls and
+reasoning parsed by vLLM's own parsers, and the weight version when the answer finished on every
+response (body field `weight_version` and header `x-weight-version`).
+Gym's model proxy drops every non-token field, so each returned choice's boundaries are also kept
+in a bounded `TokenVersionLedger` (`app.state.token_versions`) under
+`generation_key(prompt_token_ids, generation_token_ids)`; `POST /megagym/token_versions`
+`{"keys": [hex, ...]}` answers `{"versions": [boundaries | null, ...]}` aligned to the keys, each
+record read once. `/health` also reports `requests_in_flight` (generation requests in the engine
+now) and `idle_seconds` (wall seconds since start with none in flight, counted up to now). Every refusal is a 4xx naming the field, and
 the order of checks keeps the work of a refused request small: body size (limits.py, before the
 body is read) -> JSON shape -> typed fields (protocol.py) -> message count and text length
 (limits.py) -> sampling guard -> rendering and the token fix -> engine.
@@ -42,9 +50,12 @@ from megagym.server.protocol import (
 )
 from megagym.server.sampling import RequestError, check_sampling, max_new_tokens
 from megagym.server.tokens import ChatTokenizer, TokenFixError
+from megagym.token_versions import TokenVersionLedger, generation_key
 
 log = logging.getLogger("megagym.server")
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf; vLLM uses the same floor
+MAX_VERSION_KEYS = 4096  # keys per /megagym/token_versions request
+_HEX = frozenset("0123456789abcdef")
 
 
 def json_response(body: Any, status: int = 200, weight_version: int | None = None) -> Response:
@@ -58,6 +69,28 @@ def error_response(message: str, status: int = 400, param: str | None = None) ->
 
 class ClientGone(Exception):
     pass
+
+
+class Occupancy:
+    """Generation requests in flight now, and the wall seconds spent with none in flight."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self._idle = 0.0
+        self._idle_since = time.monotonic()
+
+    def enter(self) -> None:
+        if self.in_flight == 0:
+            self._idle += time.monotonic() - self._idle_since
+        self.in_flight += 1
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle_since = time.monotonic()
+
+    def idle_seconds(self) -> float:
+        return self._idle + (time.monotonic() - self._idle_since if self.in_flight == 0 else 0.0)
 
 
 class Parsers:
@@ -136,6 +169,7 @@ def create_app(cfg: ServerConfig, *, engine_factory: Callable[[ServerConfig], Aw
                                     vocab_size=st.vocab_size)
             st.parsers = Parsers(cfg, tok)
             st.started = time.time()
+            st.occupancy = Occupancy()  # idle time counts from here
             st.limits = Limits.derive(cfg, st.max_model_len)
             log.info("policy server ready: model=%s dtype=%s max_model_len=%d limits=%s", cfg.model_name,
                      st.dtype, st.max_model_len, st.limits)
@@ -145,6 +179,7 @@ def create_app(cfg: ServerConfig, *, engine_factory: Callable[[ServerConfig], Aw
 
     app = FastAPI(title="megagym policy server", lifespan=lifespan)
     app.state.cfg = cfg
+    app.state.token_versions = TokenVersionLedger()
     app.add_middleware(BodyLimitMiddleware, state=app.state)
 
     @app.middleware("http")
@@ -178,7 +213,8 @@ def create_app(cfg: ServerConfig, *, engine_factory: Callable[[ServerConfig], Aw
         ok = not st.engine.errored
         body = {"status": "ok" if ok else "engine dead", "weight_version": st.weight_version,
                 "updating_weights": updating(st), "model": cfg.model_name, "dtype": st.dtype,
-                "limits": dataclasses.asdict(st.limits)}
+                "limits": dataclasses.asdict(st.limits), "requests_in_flight": st.occupancy.in_flight,
+                "idle_seconds": round(st.occupancy.idle_seconds(), 6)}
         return json_response(body, 200 if ok else 503, st.weight_version)
 
     @app.get("/v1/models")
@@ -223,6 +259,7 @@ def create_app(cfg: ServerConfig, *, engine_factory: Callable[[ServerConfig], Aw
         max_tokens = max_new_tokens(req, len(ids), st.max_model_len)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         llm = st.engine
+        st.occupancy.enter()
         try:
             final = await _unless_disconnected(
                 request, eng.generate(llm, ids, sampling, max_tokens, request_id), lambda: eng.abort(llm, request_id)
@@ -236,8 +273,21 @@ def create_app(cfg: ServerConfig, *, engine_factory: Callable[[ServerConfig], Aw
             if refused is not None:
                 raise refused from None
             raise
+        finally:
+            st.occupancy.leave()
         body = _chat_response(req, final, ids, request_id, st, cfg)
+        ledger: TokenVersionLedger = st.token_versions
+        for choice in body["choices"]:
+            message = choice["message"]
+            ledger.record(generation_key(ids, message["generation_token_ids"]), message["generation_weight_versions"])
         return json_response(body, 200, st.weight_version)
+
+    @app.post("/megagym/token_versions")
+    async def token_versions(request: Request):
+        st = request.app.state
+        keys = _version_keys(await read_json(request, st.limits))
+        ledger: TokenVersionLedger = st.token_versions
+        return json_response({"versions": ledger.take(keys)}, 200, st.weight_version)
 
     if cfg.weight_sync:
         from megagym.weights.sync.routes import router
@@ -280,6 +330,25 @@ def _engine_refusal(exc: Exception) -> RequestError | None:
     if isinstance(exc, (ValueError, OverflowError)):
         return RequestError(f"messages: the engine refused the request: {exc}", "messages")
     return None
+
+
+def _version_keys(body: Any) -> list[str]:
+    """The `keys` of a /megagym/token_versions body, read strictly (400 naming the field)."""
+    if not isinstance(body, dict):
+        raise RequestError("body: expected a JSON object {\"keys\": [...]}", "body")
+    for name in body:
+        if name != "keys":
+            raise RequestError(f"{name}: not a field of /megagym/token_versions (accepted: keys)", str(name))
+    keys = body.get("keys")
+    if not isinstance(keys, list):
+        raise RequestError(f"keys: required, a list of generation keys (got {type(keys).__name__})", "keys")
+    if len(keys) > MAX_VERSION_KEYS:
+        raise RequestError(f"keys: at most {MAX_VERSION_KEYS} keys per request, got {len(keys)}", "keys", 413)
+    for i, key in enumerate(keys):
+        if not (isinstance(key, str) and len(key) == 64 and set(key) <= _HEX):
+            raise RequestError(f"keys[{i}]: expected a generation key (64 lowercase hex characters, "
+                               "megagym.token_versions.generation_key)", "keys")
+    return keys
 
 
 def _parse(model: type, body: Any):
@@ -330,6 +399,8 @@ def _logprob_entry(token_id: int, lp: Any, as_ids: bool) -> dict:
 
 
 def _choice(req: ChatCompletionRequest, out: Any, prompt_ids: list[int], state: Any, cfg: ServerConfig) -> dict:
+    from megagym.server.engine import token_boundaries
+
     parsers: Parsers = state.parsers
     gen_ids = list(out.token_ids)
     steps = out.logprobs or []
@@ -367,6 +438,7 @@ def _choice(req: ChatCompletionRequest, out: Any, prompt_ids: list[int], state: 
     message["prompt_token_ids"] = prompt_ids
     message["generation_token_ids"] = gen_ids
     message["generation_log_probs"] = gen_logps
+    message["generation_weight_versions"] = token_boundaries(out, state.weight_version)
     choice: dict[str, Any] = {"index": out.index, "message": message, "finish_reason": finish, "logprobs": None,
                               "stop_reason": stop_reason}
     if req.logprobs:

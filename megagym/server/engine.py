@@ -2,8 +2,20 @@
 
 Owns: creating vLLM's `AsyncLLM` in the serving event loop (it belongs to the loop that first
 uses it), turning token-id prompts + sampling kwargs into final outputs, aborting requests,
-bounded shutdown, and `update_weights()` — the in-process hook for changing weights: pause
-generation, let the caller move the weights, reset the prefix cache, bump the version, resume.
+bounded shutdown, `update_weights()` — the in-process hook for changing weights: pause
+generation, let the caller move the weights, reset the prefix cache, bump the version, resume —
+and `token_boundaries()`, which weight version produced each generated token of an output.
+
+Per-token weight versions are exact by construction, and cost O(1) per engine step: vLLM's
+EngineCore stamps every step's outputs with the weight version it holds (`_attach_weight_version`),
+the output processor opens a new span when a request's new tokens carry another version
+(`RequestState.track_weight_version`), and the final output of each sequence carries the spans
+(`CompletionOutput.weight_versions`). Weights and the engine's version change only while
+generation is paused (no step runs), and every update sets the engine's version before it resumes
+(`finish_weight_update(weight_version=...)` here and in megagym.weights.sync), so a token is
+stamped with the version of the weights that computed it. With pause mode "keep" the pause also
+drops the frozen requests' KV cache (`clear_cache=True` preempts them), so their tokens after the
+switch are computed with the new weights over the whole context, prefix included.
 
 The app keeps two things on `app.state` that weight sync relies on (megagym/weights/sync/routes.py
 mounts on the same app and uses them): `engine` — the `AsyncLLM` itself — and `weight_version`,
@@ -111,6 +123,27 @@ async def generate(llm: Any, prompt_ids: list[int], sampling: dict, max_tokens: 
     return final
 
 
+def token_boundaries(completion: Any, fallback_version: int) -> list[list[int]]:
+    """`[[start_index, version], ...]` (megagym.token_versions form) of one finished sequence.
+
+    From vLLM's spans (`completion.weight_versions`, `[version, start, end)` over the output
+    tokens); empty spans are skipped and consecutive equal versions merged. Without spans (no
+    token, or an engine that does not report them) the whole generation is `fallback_version`.
+    """
+    out: list[list[int]] = []
+    for span in getattr(completion, "weight_versions", None) or ():
+        if span.end <= span.start:
+            continue
+        try:
+            version = int(span.version)
+        except (TypeError, ValueError):  # "default": an engine whose version was never set
+            version = fallback_version
+        if out and out[-1][1] == version:
+            continue
+        out.append([0 if not out else int(span.start), version])
+    return out or [[0, int(fallback_version)]]
+
+
 async def abort(llm: Any, request_id: str) -> None:
     try:
         await llm.abort(request_id)
@@ -134,7 +167,8 @@ async def update_weights(
     """The weight-update hook for in-process callers; `state` is the app's `app.state`.
 
     Pauses generation (`mode`: "wait" lets in-flight requests finish on the old weights, "abort"
-    ends them with partial output, "keep" freezes them so they continue on the new weights),
+    ends them with partial output, "keep" freezes them so they continue on the new weights; their
+    answers then say where the version changed, see `token_boundaries`),
     runs `await apply(state.engine)`, resets the prefix cache, sets `state.weight_version` to
     `version` (default: +1) and the engine's version, and always resumes. Requests that arrive
     meanwhile wait for the resume. Updates are serialized. Returns the new version.

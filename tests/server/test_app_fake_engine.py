@@ -106,6 +106,42 @@ def test_update_weights_hook_order_and_version(fake):
     assert r.json()["weight_version"] == 7 and r.headers["x-weight-version"] == "7"
 
 
+def test_token_versions_route_needs_auth_and_answers_from_the_ledger(fake):
+    """Fake engine without vLLM's spans: the answer is stamped with the version it finished on,
+    recorded under its key, and the lookup route sits behind the bearer key like the others."""
+    from megagym.token_versions import generation_key
+
+    client, _ = fake
+    client.app.state.weight_version = 5
+    auth = {"authorization": "Bearer sekrit"}
+    msg = client.post("/v1/chat/completions", headers=auth,
+                      json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).json()["choices"][0]["message"]
+    assert msg["generation_weight_versions"] == [[0, 5]]
+    key = generation_key(msg["prompt_token_ids"], msg["generation_token_ids"])
+    r = client.post("/megagym/token_versions", json={"keys": [key]})
+    assert r.status_code == 401 and r.json()["error"]["param"] == "authorization"
+    assert client.post("/megagym/token_versions", headers=auth, json={"keys": [key, key]}).json() == {
+        "versions": [[[0, 5]], None]}
+    r = client.post("/megagym/token_versions", headers={**auth, "content-type": "application/json"}, content=b"{")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "body"
+    h = client.get("/health").json()
+    assert h["requests_in_flight"] == 0 and h["idle_seconds"] >= 0
+
+
+def test_token_boundaries_from_vllm_spans():
+    from megagym.server.engine import token_boundaries
+
+    def out(*spans):
+        return SimpleNamespace(weight_versions=[SimpleNamespace(version=v, start=a, end=b) for v, a, b in spans])
+
+    assert token_boundaries(out(("3", 0, 7)), 9) == [[0, 3]]
+    assert token_boundaries(out(("3", 0, 4), ("4", 4, 7)), 9) == [[0, 3], [4, 4]]
+    assert token_boundaries(out(("3", 0, 0), ("4", 0, 7)), 9) == [[0, 4]]  # swap before the first token
+    assert token_boundaries(out(("3", 0, 2), ("3", 2, 5), ("5", 5, 6)), 9) == [[0, 3], [5, 5]]
+    assert token_boundaries(out(), 9) == [[0, 9]]  # no token: the version it finished on
+    assert token_boundaries(SimpleNamespace(), 2) == [[0, 2]]  # an engine without spans
+
+
 def test_weight_sync_routes_mount(tiny_qwen3):
     """`weight_sync=shm` mounts megagym.weights.sync's router on this app (same app.state contract)."""
     pytest.importorskip("megagym.weights.sync.routes")

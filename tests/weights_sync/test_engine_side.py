@@ -98,11 +98,38 @@ def test_failed_bucket_rolls_back_and_resumes():
     assert not state.active and not state.consistent
 
 
-def test_keep_mode_is_refused():
+def test_keep_mode_freezes_in_flight_requests_for_the_update():
     engine, state = FakeEngine(), WeightSyncState()
-    asyncio.run(state.init(engine, {}))
+
+    async def go():
+        await state.init(engine, {})
+        return await apply_update(engine, [{}], state=state, pause_mode="keep", weight_version=2)
+
+    assert asyncio.run(go()) == 2
+    # the version is set (finish) before generation resumes: tokens after it carry version 2
+    assert engine.calls[1:] == ["pause:keep", "start", "update", "finish:2", "reset_prefix_cache",
+                                "megagym_refresh_lm_head", "resume"]
     with pytest.raises(WeightSyncError, match="pause_mode"):
-        asyncio.run(state.start(engine, pause_mode="keep"))
+        asyncio.run(state.start(engine, pause_mode="freeze"))
+
+
+def test_router_answers_503_engine_dead_when_the_engine_died():
+    class DeadOnUpdate(FakeEngine):
+        errored = False
+
+        async def update_weights(self, request):
+            self.errored = True
+            raise RuntimeError("EngineCore died")
+
+    app = FastAPI()
+    app.include_router(router)
+    app.state.engine = DeadOnUpdate()
+    with TestClient(app) as client:
+        client.post("/weights/init", json={})
+        assert client.post("/weights/start", json={"pause_mode": "keep"}).status_code == 200
+        r = client.post("/weights/update", json={"update_info": {}})
+        assert r.status_code == 503 and r.json()["error"].startswith("engine dead: ")
+        assert client.post("/weights/start", json={"pause_mode": "freeze"}).status_code == 400
 
 
 def test_router_contract_and_errors():

@@ -14,7 +14,11 @@ Owns:
 Pause semantics: `pause_mode="wait"` (default) lets in-flight requests finish on the old weights
 before the swap, and requests that arrive meanwhile wait for resume, so no answer mixes weights.
 `"abort"` ends in-flight requests at once (finish_reason "abort"); the caller must retry them.
-`"keep"` is refused: frozen requests would continue on new weights after a prefix on old ones.
+`"keep"` (in-flight updates, asynchronous RL) freezes in-flight requests; the pause drops their KV
+cache (`clear_cache=True`), and after the swap they continue on the new weights, recomputing
+their context with them. Their answers say which tokens came from which version: the engine's
+version is set before resume (`finish_weight_update(weight_version=...)`), and vLLM stamps every
+step's tokens with it (see megagym.server.engine.token_boundaries).
 
 Must not: import megatron, FastAPI or HTTP clients, or know how bytes travel (that is the
 backend's business; update infos are plain dicts passed through to vLLM).
@@ -34,7 +38,7 @@ log = logging.getLogger(__name__)
 WORKER_EXTENSION = "megagym.weights.sync.shm_backend.MegagymWorkerExtension"
 # megagym backend name -> vLLM WeightTransferConfig.backend
 BACKENDS = {"shm": "megagym_shm", "nccl": "nccl", "ipc": "ipc"}
-PAUSE_MODES = ("wait", "abort")
+PAUSE_MODES = ("wait", "abort", "keep")
 
 
 async def _guarded(engine, coro, poll_s: float = 1.0):

@@ -11,9 +11,11 @@ Routes (JSON object bodies, read strictly: invalid JSON, another content type, a
 route does not take or a value of the wrong type answer 400 naming it and never start an update;
 during an update a malformed `/weights/update` or `/weights/finish` body abandons the update
 and resumes serving, as a rejected bucket does. Errors answer `{"error": "..."}` with 400 for a
-refused/failed update, 409 when another update is in progress):
+refused/failed update, 409 when another update is in progress, 503 `{"error": "engine dead: ..."}`
+when the engine has died, so that a trainer can tell a dead server from a refused update):
 - `POST /weights/init`   `{"init_info": {...}}` -> backend rendezvous (once per trainer);
-- `POST /weights/start`  `{"pause_mode": "wait"|"abort"}` -> pause + start_weight_update;
+- `POST /weights/start`  `{"pause_mode": "wait"|"abort"|"keep"}` -> pause + start_weight_update
+  ("keep": in-flight requests freeze and continue on the new weights after the update);
 - `POST /weights/update` `{"update_info": {...} | [...]}` -> one bucket;
 - `POST /weights/finish` `{"weight_version": int|null}` -> finish, reset caches, resume;
   answers `{"weight_version": N, "timings": {phase: seconds}}`;
@@ -100,6 +102,9 @@ async def _run(request: Request, step) -> JSONResponse:
     except WeightSyncBusy as exc:
         return JSONResponse({"error": str(exc)}, status_code=409)
     except (WeightSyncError, ValueError) as exc:
+        engine = getattr(request.app.state, "engine", None)
+        if getattr(engine, "errored", False) is True:
+            return JSONResponse({"error": f"engine dead: {exc}"}, status_code=503)
         return JSONResponse({"error": str(exc)}, status_code=400)
 
 

@@ -19,12 +19,22 @@ Call sequence (rank 0 of the trainer only; other ranks just take part in the exp
         stats = sender.send(export_hf_weights(model), weight_version=step + 1)
     sender.close()                                 # frees /dev/shm segments, NCCL group
 
-`send` = `begin()` (servers pause: in-flight requests finish first) -> `push(named_tensors)`
+`send` = `begin()` (servers pause: with `pause_mode="wait"` in-flight requests finish first, with
+"keep" they freeze and continue on the new weights after the commit) -> `push(named_tensors)`
 (bucket by bucket) -> `commit(weight_version)` (servers bump their version and resume); any
 error calls `abort()` (servers resume; layers the update had not completed keep their old
 weights, `GET /weights/info` reports `consistent: false` until the next full update) and
 re-raises. Every `/dev/shm` segment is the sender's: `close()` unlinks them, and `init()`
 removes those left by trainers that died.
+
+A server that is gone is dropped, not fatal: one whose call fails with a connection error or a
+timeout (any phase, init included), or that answers 503 "engine dead", leaves the group for the
+rest of the run; the sync goes on with the others, `SyncStats.lost_servers` names the servers lost
+during that sync, `sender.lost` all lost so far, `sender.urls` those still served, and one line
+naming the lost server is printed. Only when no server is left does the sync raise
+`WeightSyncFailed`. Any other HTTP error (4xx, 5xx) is a real error: it fails the sync as before.
+The shm data plane needs nothing from a lost server (the segments are the sender's). The NCCL
+transport cannot lose a member in the middle of a collective; a server lost there fails the sync.
 
 Must not: import megatron (it takes any iterable of `(name, tensor)`), or send tensors as RPC
 arguments. The GPU transports are written against vLLM 0.32's documented helpers and are not
@@ -34,11 +44,12 @@ exercised on CPU.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import requests
@@ -56,10 +67,19 @@ from megagym.weights.sync.buckets import (
 log = logging.getLogger(__name__)
 
 DEFAULT_BUCKET_BYTES = 256 << 20
+PAUSE_MODES = ("wait", "abort", "keep")  # as engine_side.PAUSE_MODES (not imported: no vLLM here)
 
 
 class WeightSyncFailed(RuntimeError):
     """A server refused or failed a weight-sync call; the message names the server and its reason."""
+
+
+class ServerLost(WeightSyncFailed):
+    """A server is gone (connection refused or reset, timeout, 503 engine dead)."""
+
+    def __init__(self, url: str, message: str):
+        super().__init__(message)
+        self.url = url
 
 
 @dataclass
@@ -73,6 +93,8 @@ class SyncStats:
     seconds: float = 0.0
     pack_seconds: float = 0.0  # shm: time spent copying into the segments (overlaps loading)
     server_timings: dict | None = None  # first server's seconds per phase (pause/start/update/finish/resume)
+    # servers dropped during this sync (or since the previous successful one: init, failed syncs)
+    lost_servers: list[str] = field(default_factory=list)
 
     @property
     def gb_per_s(self) -> float:
@@ -80,59 +102,100 @@ class SyncStats:
 
 
 class ServerGroup:
-    """HTTP control plane to every policy server: each call fans out and waits for all."""
+    """HTTP control plane to every policy server: each call fans out and waits for all.
+
+    A server that is gone (`ServerLost`) is dropped from the group for good; `urls` lists the
+    servers still in it, `lost` those dropped, and `take_lost()` those dropped since it was last
+    called. A call raises `WeightSyncFailed` when a server refuses it or when no server is left.
+    """
 
     def __init__(self, urls: list[str] | str, timeout_s: float = 600.0, api_key: str | None = None):
-        self.urls = [u.rstrip("/") for u in ([urls] if isinstance(urls, str) else urls)]
-        if not self.urls:
+        self.all_urls = [u.rstrip("/") for u in ([urls] if isinstance(urls, str) else urls)]
+        if not self.all_urls:
             raise ValueError("no policy server URLs given")
         self.timeout_s = timeout_s
-        self.sessions = [requests.Session() for _ in self.urls]
-        for s in self.sessions:
+        self.sessions = {u: requests.Session() for u in self.all_urls}
+        for s in self.sessions.values():
             if api_key:  # the servers' bearer key (servers.settings.api_key)
                 s.headers["Authorization"] = f"Bearer {api_key}"
-        self.pool = ThreadPoolExecutor(max_workers=max(2, len(self.urls)), thread_name_prefix="wsync")
+        self.alive: list[str] = list(self.all_urls)
+        self.lost: list[str] = []
+        self._new_lost: list[str] = []
+        self.pool = ThreadPoolExecutor(max_workers=max(2, len(self.all_urls)), thread_name_prefix="wsync")
 
-    def _call(self, i: int, method: str, path: str, body: dict | None) -> dict:
-        url = f"{self.urls[i]}/weights/{path}"
+    @property
+    def urls(self) -> list[str]:
+        return list(self.alive)
+
+    def _call(self, url: str, method: str, path: str, body: dict | None) -> dict:
+        full = f"{url}/weights/{path}"
         try:
-            r = self.sessions[i].request(method, url, json=body, timeout=self.timeout_s)
+            r = self.sessions[url].request(method, full, json=body, timeout=self.timeout_s)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise ServerLost(url, f"{method} {full}: {type(exc).__name__}: {exc}") from exc
         except requests.RequestException as exc:
-            raise WeightSyncFailed(f"{method} {url}: {exc}") from exc
+            raise WeightSyncFailed(f"{method} {full}: {exc}") from exc
         try:
             payload = r.json()
         except ValueError:
             payload = {"error": r.text[:2000]}
+        if not isinstance(payload, dict):
+            payload = {"error": payload}
+        if r.status_code == 503 and "engine dead" in str(payload.get("error", "")):
+            raise ServerLost(url, f"{method} {full} -> HTTP 503: {payload['error']}")
         if r.status_code != 200:
-            raise WeightSyncFailed(f"{method} {url} -> HTTP {r.status_code}: {payload.get('error', payload)}")
+            raise WeightSyncFailed(f"{method} {full} -> HTTP {r.status_code}: {payload.get('error', payload)}")
         return payload
 
     def submit(self, path: str, body: dict | None = None, method: str = "POST",
                per_server: list[dict] | None = None) -> list[Future]:
+        """One call per server still in the group (`per_server[i]`: the body for `urls[i]`)."""
+        if not self.alive:
+            raise WeightSyncFailed(f"no policy server left (lost: {', '.join(self.lost)})")
+        if per_server is not None and len(per_server) != len(self.alive):
+            raise ValueError(f"per_server: {len(per_server)} bodies for {len(self.alive)} servers")
         return [
-            self.pool.submit(self._call, i, method, path, per_server[i] if per_server else body)
-            for i in range(len(self.urls))
+            self.pool.submit(self._call, url, method, path, per_server[i] if per_server else body)
+            for i, url in enumerate(self.alive)
         ]
 
-    @staticmethod
-    def wait(futures: list[Future]) -> list[dict]:
+    def wait(self, futures: list[Future]) -> list[dict]:
+        """The answers of the servers that are still there (in `urls` order)."""
         results, errors = [], []
         for f in futures:
             try:
                 results.append(f.result())
+            except ServerLost as exc:
+                self._drop(exc)
             except Exception as exc:  # collect every server's failure, not just the first
                 errors.append(exc)
         if errors:
             raise WeightSyncFailed("; ".join(str(e) for e in errors)) from errors[0]
+        if not self.alive:
+            raise WeightSyncFailed(f"no policy server left (lost: {', '.join(self.lost)})")
         return results
 
     def call(self, path: str, body: dict | None = None, method: str = "POST",
              per_server: list[dict] | None = None) -> list[dict]:
         return self.wait(self.submit(path, body, method, per_server))
 
+    def take_lost(self) -> list[str]:
+        """Servers dropped since the last call of this method."""
+        out, self._new_lost = self._new_lost, []
+        return out
+
+    def _drop(self, exc: ServerLost) -> None:
+        if exc.url not in self.alive:
+            return
+        self.alive.remove(exc.url)
+        self.lost.append(exc.url)
+        self._new_lost.append(exc.url)
+        print(f"megagym weight sync: lost policy server {exc.url} ({str(exc)[:300]}); dropped for the rest of "
+              f"the run, {len(self.alive)} server(s) left", file=sys.stderr, flush=True)
+
     def close(self) -> None:
         self.pool.shutdown(wait=True)
-        for s in self.sessions:
+        for s in self.sessions.values():
             s.close()
 
 
@@ -143,12 +206,24 @@ class WeightSender(ABC):
 
     def __init__(self, urls: list[str] | str, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                  pause_mode: str = "wait", timeout_s: float = 600.0, api_key: str | None = None):
+        if pause_mode not in PAUSE_MODES:
+            raise ValueError(f"pause_mode: must be one of {PAUSE_MODES}, got {pause_mode!r}")
         self.servers = ServerGroup(urls, timeout_s, api_key)
         self.bucket_bytes = int(bucket_bytes)
         self.pause_mode = pause_mode
         self._initialized = False
         self._active = False
         self._stats: SyncStats | None = None
+
+    @property
+    def urls(self) -> list[str]:
+        """The servers still in the group."""
+        return self.servers.urls
+
+    @property
+    def lost(self) -> list[str]:
+        """Every server lost so far (dropped for the rest of the run)."""
+        return list(self.servers.lost)
 
     # -- public sequence -------------------------------------------------------------------
     def init(self) -> None:
@@ -158,14 +233,14 @@ class WeightSender(ABC):
             self._initialized = True
 
     def begin(self) -> None:
-        """Pause every server (in-flight requests finish first) and open an update."""
+        """Pause every server (per `pause_mode`) and open an update."""
         self.init()
         if self._active:
             raise RuntimeError("begin() called twice without commit() or abort()")
+        self._t0 = time.perf_counter()
+        self._stats = SyncStats(weight_version=-1)
         self.servers.call("start", {"pause_mode": self.pause_mode})
         self._active = True
-        self._stats = SyncStats(weight_version=-1)
-        self._t0 = time.perf_counter()
 
     def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Send a stream of `(name, tensor)` in buckets; may be called several times per update."""
@@ -186,6 +261,7 @@ class WeightSender(ABC):
         stats.weight_version = max(versions)
         stats.seconds = time.perf_counter() - self._t0
         stats.server_timings = answers[0].get("timings")
+        stats.lost_servers = self.servers.take_lost()
         self._after_commit()
         return stats
 
