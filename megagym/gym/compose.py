@@ -5,6 +5,9 @@ files in order (each environment's, then the policy model's training config, the
 overrides file), the overrides (per-environment, then run-wide, then what megagym injects:
 `policy_base_url` list, `policy_model_name`, `policy_api_key`, head-server address, port range,
 `skip_venv_if_present` + `uv_venv_dir`), the environment variables and the working directory.
+For environments with `token_capture`, it also turns on Gym's training-token capture: the run-level
+`token_id_capture: {enabled, dir}` block (Gym's file store under the run dir) and the agent's own
+`token_id_capture: true` flag (so only those agents' rollouts are captured).
 Also prepares the venv links Gym looks up (`<uv_venv_dir>/<type>/<name>/.venv`), all pointing
 at the one prepared `.venv-gym`, so starting Gym installs nothing.
 Must not: start processes (that is `process.py`) or import nemo_gym.
@@ -12,6 +15,7 @@ Must not: start processes (that is `process.py`) or import nemo_gym.
 
 from __future__ import annotations
 
+import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +45,8 @@ class LaunchPlan:
     log_file: Path
     venv_links: Path
     extra_roots: list[Path] = field(default_factory=list)
+    token_capture_dir: Path | None = None  # Gym's token file store (None: no environment captures)
+    capture_agents: list[str] = field(default_factory=list)  # agents whose rollouts Gym captures
 
     @property
     def agent_to_env(self) -> dict[str, str]:
@@ -105,6 +111,18 @@ def link_venvs(links_dir: Path, venv: Path, roots: list[Path]) -> None:
                         continue
                     link.unlink()
                 link.symlink_to(venv.resolve(), target_is_directory=True)
+
+
+def agent_server_type(agent: str, config_paths: list[Path]) -> str:
+    """The Gym server folder of agent instance `agent` (`<agent>.responses_api_agents.<type>`)."""
+    for path in config_paths:
+        data = yaml.safe_load(path.read_text()) or {}
+        entry = data.get(agent) if isinstance(data, dict) else None
+        agents = entry.get("responses_api_agents") if isinstance(entry, dict) else None
+        if isinstance(agents, dict) and len(agents) == 1:
+            return next(iter(agents))
+    raise ConfigError(f"agent '{agent}' is not defined as responses_api_agents in any of "
+                      f"{', '.join(str(p) for p in config_paths)}")
 
 
 def compose(
@@ -173,6 +191,13 @@ def compose(
         "results_dir": str(rd / "results"),
         "cache_dir": str(rd / "cache"),
     }
+    capture_agents = [spec.agent for spec in envs.values() if spec.token_capture]
+    capture_dir = rd / "token_capture" if capture_agents else None
+    if capture_agents:
+        injected["token_id_capture"] = {"enabled": True, "dir": str(capture_dir)}
+        for agent in capture_agents:
+            kind = agent_server_type(agent, config_paths)
+            injected[agent] = {"responses_api_agents": {kind: {"token_id_capture": True}}}
     overrides = deep_merge(overrides, injected)
     overrides_file = rd / "megagym_gym_overrides.yaml"
 
@@ -189,11 +214,14 @@ def compose(
         # joined a neighbour's dying Ray and never came up). Short: Ray's socket paths live under it.
         "RAY_TMPDIR": str(ray_tmpdir(run_id)),
     }
+    path_dirs = [str(resolve_path(d)) for spec in envs.values() for d in spec.path_dirs]
+    if path_dirs:
+        env["PATH"] = os.pathsep.join([*dict.fromkeys(path_dirs), os.environ.get("PATH", "")])
     plan = LaunchPlan(
         argv=argv, env=env, cwd=rd, run_dir=rd, run_id=run_id,
         head_url=f"http://{cfg.host}:{head_port}", config_paths=config_paths, overrides=overrides,
         environments=envs, overrides_file=overrides_file, log_file=rd / "gym.log",
-        venv_links=links, extra_roots=roots,
+        venv_links=links, extra_roots=roots, token_capture_dir=capture_dir, capture_agents=capture_agents,
     )
     if write:
         rd.mkdir(parents=True, exist_ok=True)

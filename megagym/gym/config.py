@@ -32,6 +32,12 @@ class EnvironmentSpec:
     extra_roots      folders holding our own Gym components (`<root>/resources_servers/<name>/`),
                      relative to the repository root; passed to Gym as NEMO_GYM_EXTRA_ROOTS.
     overrides        Gym config overrides (Gym's own nested key paths) applied for this environment.
+    token_capture    train through Gym's training-token capture instead of the token fields the agent
+                     echoes (for agents that do not carry them back, e.g. third-party harnesses):
+                     Gym's model server records every call of this agent's rollouts in Gym's file
+                     store and megagym rebuilds the trajectory from it (docs/token_capture.md).
+    path_dirs        folders put first on the Gym stack's PATH (a harness agent's CLI), relative to
+                     the repository root.
     """
 
     gym_configs: list[str] = field(default_factory=list)
@@ -41,6 +47,8 @@ class EnvironmentSpec:
     validation_data: str = ""
     extra_roots: list[str] = field(default_factory=list)
     overrides: dict = field(default_factory=dict)
+    token_capture: bool = False
+    path_dirs: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         if not self.gym_configs:

@@ -11,6 +11,9 @@ whose trajectory has no generated tokens) is recorded in its group's `failures` 
 and left out of `samples`; the group keeps its other samples (GRPO's baseline is then taken over
 them) unless `rollout.drop_group_on_failure` drops the whole group. The batch always goes on.
 A broken token contiguity is not a failure but a bug: `ContiguityError` ends the batch.
+Agents of environments with `token_capture` do not carry token ids back: their rollouts go out with
+a fresh `_ng_rollout_id` per attempt and their samples are built from Gym's capture (`capture.py`);
+a capture Gym masks (incomplete, ambiguous) is a failure with Gym's reasons.
 Must not: import nemo_gym or torch, or change a row beyond the stamped fields.
 """
 
@@ -25,6 +28,7 @@ from typing import AsyncIterator, Sequence
 
 import httpx
 
+from megagym.rollout.capture import ROLLOUT_ID_KEY, CaptureError, CaptureRefused, TokenCapture, new_rollout_id
 from megagym.rollout.config import RolloutConfig
 from megagym.rollout.metrics import Progress, RolloutMetrics
 from megagym.rollout.trajectory import ContiguityError, TrajectoryError, model_calls, trajectory_to_sample
@@ -49,6 +53,8 @@ class _Done:
     version: int = 0  # the servers' weight version when the rollout started (fallback stamp)
     call_versions: list | None = None  # per model call: boundaries from the serving policy server
     call_servers: list | None = None  # per model call: which policy server had its record
+    rollout_id: str | None = None  # Gym's capture key of the attempt that answered (token capture)
+    capture_held: bool = False  # Gym holds a frozen capture build until `release`
 
 
 class RolloutManager:
@@ -61,7 +67,8 @@ class RolloutManager:
     def __init__(self, cfg: RolloutConfig, stack=None, *, agents: dict[str, str] | None = None,
                  agent_to_env: dict[str, str] | None = None, success_threshold: float = 1.0,
                  keep_results: bool = False, transport: httpx.AsyncBaseTransport | None = None,
-                 policy_servers: Sequence[str] = (), api_key: str | None = None):
+                 policy_servers: Sequence[str] = (), api_key: str | None = None,
+                 capture: TokenCapture | None = None):
         self.cfg = cfg
         self.stack = stack
         self.agents = dict(agents if agents is not None else (stack.agents if stack else {}))
@@ -79,6 +86,8 @@ class RolloutManager:
         # where each model call's token versions are looked up (policy server base URLs, no /v1)
         self.policy_servers = [u.rstrip("/") for u in policy_servers]
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # Gym's token capture for agents that do not echo token ids (None: no such agent)
+        self.capture = capture if capture is not None else TokenCapture.for_stack(stack)
 
     # ------------------------------------------------------------------ public API
     def agent_of(self, row: dict, row_index: int) -> str:
@@ -141,6 +150,9 @@ class RolloutManager:
 
         dones = await asyncio.gather(*[one() for _ in range(self.cfg.n)])
         group = self._group(row_index, agent, list(dones), metrics)
+        for d in dones:
+            if d.capture_held:  # the samples exist: Gym retires their captures, keeps the others
+                await self.capture.release(d.rollout_id, retire=d.failure is None)
         metrics.groups += 1
         return group
 
@@ -199,6 +211,14 @@ class RolloutManager:
         version = self.weight_version
         done = await self._run_once(client, agent, body, row_index)
         done.version = version
+        if done.result is not None and done.rollout_id is not None:
+            try:
+                done.result = await self.capture.finalize(done.result, done.rollout_id)
+                done.capture_held = True
+            except CaptureRefused as e:
+                done.failure = str(e)
+            except CaptureError as e:
+                done.failure = f"token capture failed: {e}"
         if done.result is not None and self.policy_servers:
             done.call_versions, done.call_servers = await self._call_versions(client, done.result)
         return done
@@ -234,10 +254,13 @@ class RolloutManager:
         cfg = self.cfg
         error = "not attempted"
         attempts = 0
+        captured = self.capture is not None and self.capture.captures(agent)
         for attempt in range(cfg.max_retries + 1):
             attempts = attempt + 1
+            rollout_id = new_rollout_id() if captured else None
+            sent = {**body, ROLLOUT_ID_KEY: rollout_id} if captured else body
             try:
-                r = await asyncio.wait_for(client.post(url, json=body), timeout=cfg.request_timeout_s)
+                r = await asyncio.wait_for(client.post(url, json=sent), timeout=cfg.request_timeout_s)
             except (asyncio.TimeoutError, httpx.TimeoutException):
                 error = f"timeout: no answer from {agent}/run within {cfg.request_timeout_s:g}s"
             except httpx.TransportError as e:
@@ -249,7 +272,7 @@ class RolloutManager:
                     except ValueError:
                         error = f"bad response: {agent}/run answered non-JSON"
                     else:
-                        return _Done(row_index, result=result)
+                        return _Done(row_index, result=result, rollout_id=rollout_id)
                 elif r.status_code < 500:
                     return _Done(row_index, failure=f"HTTP {r.status_code}: {agent}/run rejected the row: "
                                                     f"{r.text[:300]}")
