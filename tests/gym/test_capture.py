@@ -127,7 +127,7 @@ def _strip_tokens(result: dict) -> dict:
 @pytest.mark.slow
 def test_pi_agent_trains_through_capture(capture_stack, policy_server):
     stack, cfg = capture_stack
-    rows = _rows(cfg, "pi_lowercase_words", "pi_lowercase_words_agent", limit=1)
+    rows = _rows(cfg, "pi_lowercase_words", "pi_lowercase_words_agent", limit=2)
     rcfg = RolloutConfig(n=2, max_output_tokens=32, max_concurrency=4, request_timeout_s=240, max_retries=0,
                          progress=False)
     mgr = RolloutManager(rcfg, stack, keep_results=True, policy_servers=[policy_server.base_url])
@@ -149,6 +149,7 @@ def test_pi_agent_trains_through_capture(capture_stack, policy_server):
                 assert sample.gen_logprobs[start:start + len(gen)] == pytest.approx(call["generation_log_probs"])
             assert all(m == 0 for m in sample.loss_mask[:sample.turn_starts[0]])
             assert 0.0 <= sample.reward <= 1.0 and not sample.mask_sample
+            assert sample.num_generated <= 32  # pi's output cap (pi_max_tokens.mjs) reached the server
     prompts = [s.turn_starts[0] for g in groups for s in g.samples]
     print(f"pi rollouts: {len(prompts)} in {mgr.metrics.seconds:.1f}s, prompt tokens {prompts}")
     # every rebuilt call is one the policy server served: its ledger is keyed by prompt + generated ids
