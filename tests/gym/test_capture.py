@@ -1,15 +1,17 @@
 """End to end: training on an agent that does not carry token ids back, through Gym's token capture.
 
 One Gym stack of its own (capture on) on the session's `megagym serve` (tiny random Qwen3):
-- `pi_lowercase_words`: Gym's `pi_agent`, the third-party pi coding-agent CLI (Node, scripts/setup_pi.sh),
-  whose /run answer is pi's own transcript with no token ids. Its samples come from Gym's capture
-  and must match, call by call, what the policy server served (its token-version ledger is keyed by
-  prompt + generated ids).
+- `pi_lowercase_words`: Gym's `pi_agent`, the third-party pi coding-agent CLI (Node, scripts/setup_pi.sh;
+  without it only this test skips), whose /run answer is pi's own transcript with no token ids. Its
+  samples come from Gym's capture and must match, call by call, what the policy server served (its
+  token-version ledger is keyed by prompt + generated ids).
 - `lowercase_words` and `example_multi_turn_gymnasium` with capture on: agents that echo the token
   fields, so one rollout yields both samples — from the echoed fields and, with those fields removed,
   from Gym's capture — which must be equal (token ids, loss mask, logprobs), also for multi-call rollouts.
 - A capture Gym marks incomplete (a model call of the rollout that the policy server refused: Gym
   registered its intent and never got its tokens) is refused, never a partial sample.
+Two quick tests without a stack: what compose writes, and the manager's capture keys and refusals
+against Gym's real finalizer.
 """
 
 from __future__ import annotations
@@ -17,8 +19,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import shutil
-from pathlib import Path
 
 import httpx
 import pytest
@@ -91,11 +91,10 @@ def test_manager_sends_a_new_capture_key_per_attempt_and_refuses_what_gym_masks(
 
 @pytest.fixture(scope="module")
 def capture_stack(policy, tmp_path_factory):
-    if not PI.exists():
-        pytest.skip(f"{PI} is missing: run `bash scripts/setup_pi.sh` (pi 0.80.2 on Node 22, from npm)")
     url, model = policy
     definitions = {name: {**_catalog(src), "token_capture": True} for name, src in CAPTURED.items()}
-    cfg = GymConfig(environments=["pi_lowercase_words", *CAPTURED], definitions=definitions, start_timeout_s=420)
+    envs = (["pi_lowercase_words"] if PI.exists() else []) + list(CAPTURED)
+    cfg = GymConfig(environments=envs, definitions=definitions, start_timeout_s=420)
     stack = GymStack.start(cfg, [url], model, run_dir=tmp_path_factory.mktemp("gym_capture"))
     try:
         yield stack, cfg
@@ -127,6 +126,9 @@ def _strip_tokens(result: dict) -> dict:
 @pytest.mark.slow
 def test_pi_agent_trains_through_capture(capture_stack, policy_server):
     stack, cfg = capture_stack
+    if not PI.exists():
+        pytest.skip(f"{PI} is missing: run `bash scripts/setup_pi.sh` (pi 0.80.2 on Node 22, from npm)")
+    print(f"Gym stack with capture up in {stack.startup_s:.1f}s")
     rows = _rows(cfg, "pi_lowercase_words", "pi_lowercase_words_agent", limit=2)
     rcfg = RolloutConfig(n=2, max_output_tokens=32, max_concurrency=4, request_timeout_s=240, max_retries=0,
                          progress=False)
@@ -181,7 +183,8 @@ def test_capture_rebuilds_what_the_agent_echoes(capture_stack):
         result = await _run(client, stack, row, rid)
         echoed = trajectory_to_sample(result, 0)
         rebuilt = await capture.finalize(_strip_tokens(result), rid)
-        await capture.release(rid, retire=True)
+        assert rebuilt["_ng_token_capture"]["n_calls"] == len(echoed.turn_starts)  # rebuilt, not echoed
+        assert await capture.release(rid, retire=True)
         return result, echoed, trajectory_to_sample(rebuilt, 0)
 
     async def main():
