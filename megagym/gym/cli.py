@@ -1,10 +1,12 @@
-"""`megagym gym start|stop CONFIG [key=value ...]`: run the Gym stack of a run configuration.
+"""`megagym gym start|stop CONFIG [key=value ...]`: run the Gym stack of a run configuration;
+`megagym gym check [ENV ...] [--all]`: do Gym's own environments yield samples through megagym?
 
 Owns: the command line around `GymStack`. `start` composes and starts Gym from the config's
 `env:` section, waits until every server is up, prints the agents, then stays in the foreground
 until Ctrl-C / SIGTERM and stops everything (or, with `--detach`, leaves the stack running and
 returns). `stop` stops a detached stack from the state file in its run directory. The policy
 servers' URLs come from `env.policy_base_urls` (set them in the YAML or as an override).
+`check` parses its arguments here and runs in `check.py`.
 Must not: start policy servers or training.
 """
 
@@ -37,6 +39,31 @@ def main(argv: list[str] | None = None) -> int:
     pt = sub.add_parser("stop", help="stop a detached Gym stack of CONFIG")
     pt.add_argument("config")
     pt.add_argument("overrides", nargs="*")
+    pc = sub.add_parser("check", help="run Gym environments' example rows through megagym's rollout path")
+    pc.add_argument("envs", nargs="*", help="resources servers Gym ships (`server` or `server:config`)")
+    pc.add_argument("--all", action="store_true", help="every environment Gym ships")
+    pc.add_argument("--list", action="store_true", help="list them with what each needs, start nothing")
+    pc.add_argument("--install", action="store_true",
+                    help="first pip-install the named environments' missing packages into Gym's venv")
+    pc.add_argument("--policy-url", default="", help="an existing policy server (…/v1); default: start "
+                    "`megagym serve` on a tiny random Qwen3")
+    pc.add_argument("--max-model-len", type=int, default=16384, help="context of the tiny policy")
+    pc.add_argument("--batch-size", type=int, default=8, help="environments per Gym stack")
+    pc.add_argument("--n", type=int, default=1, help="rollouts per example row")
+    pc.add_argument("--max-output-tokens", type=int, default=32)
+    pc.add_argument("--request-timeout-s", type=float, default=180.0)
+    pc.add_argument("--start-timeout-s", type=float, default=600.0, help="bound on one Gym stack's start")
+    pc.add_argument("--run-dir", default="runs/gym_check", help="Gym logs of each batch, the policy's log")
+    pc.add_argument("--json", default="", help="also write the results here")
+    pc.add_argument("--markdown", default="", help="also write a markdown report here")
+    pc.add_argument("--command", default="", help="the command line the markdown report names")
+    pc.add_argument("--venv", default=".venv-gym", help="Gym's venv")
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "check":
+        from megagym.gym import check
+
+        return check.main(p.parse_args(argv))
     a, extra = p.parse_known_args(argv)  # overrides may follow an option such as --detach
     if any("=" not in e or e.startswith("-") for e in extra):
         p.error(f"unrecognized arguments: {' '.join(extra)}")
