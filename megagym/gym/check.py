@@ -92,9 +92,16 @@ def _configs(server_dir: Path) -> list[Path]:
 
 
 def default_config(server_dir: Path) -> Path | None:
-    """`configs/<server>.yaml` when it defines an agent, else the first config (by name) that does."""
+    """The config defining the agent most example rows name; else `configs/<server>.yaml` when it
+    defines an agent; else the first config (by name) that does."""
     own = server_dir / "configs" / f"{server_dir.name}.yaml"
     cs = _configs(server_dir)
+    named = collections.Counter(r["agent_ref"].get("name") for r in _rows(server_dir / "data" / "example.jsonl")
+                                if isinstance(r.get("agent_ref"), dict))
+    for agent, _ in named.most_common():
+        for c in [own, *cs]:
+            if c.is_file() and agent in _agents(_read_config(c)):
+                return c
     for c in [own, *cs]:
         if c.is_file() and _agents(_read_config(c)):
             return c
@@ -280,8 +287,10 @@ def missing_requirements(folders: list[Path], installed: set[str]) -> list[str]:
             line = line.split(" #")[0].strip()
             if not line or line.startswith(("#", "-")):
                 continue
+            egg = re.search(r"#egg=([\w.-]+)", line)  # a bare VCS URL: its name is the egg
             try:
-                r = Requirement(line)
+                r = Requirement(f"{egg.group(1)} @ {line.split('#')[0]}" if egg and "@" not in line.split("://")[0]
+                                else line)
             except InvalidRequirement:
                 continue
             if _norm(r.name) == "nemo-gym":
@@ -437,6 +446,12 @@ def culprits(text: str, envs: list[GymEnv], log_text: str = "") -> list[GymEnv]:
 
 def start_failure_reason(message: str, log_text: str, instances: set[str], server: str = "") -> str:
     why = log_reason(log_text, instances, server)
+    died = [n for n in re.findall(r"Process `(\w+)` finished unexpectedly", log_text) if n in instances]
+    if not why and died:
+        why = f"Gym's server `{died[0]}` exited without logging an exception"
+    cli_error = re.search(r"^Error: (.*(?:\n\S.*)?)", log_text, re.M)  # `gym env start` refused the config
+    if not why and cli_error:
+        why = "Gym: " + " ".join(cli_error.group(1).split())
     if not why:  # the start error itself: its first line names what did not come up
         why = message.strip().splitlines()[0] if message.strip() else "Gym did not start"
     return f"did not start: {why}"[:300]
@@ -772,6 +787,12 @@ def main(a) -> int:
                         request_timeout_s=a.request_timeout_s, start_timeout_s=a.start_timeout_s, venv=a.venv,
                         log=lambda m: print(m, flush=True))
     wall = time.monotonic() - t0
+    if a.update:  # re-checked environments replace their rows in an earlier sweep's results
+        prev = json.loads(Path(a.update).read_text())
+        fresh = {r.env: r for r in results}
+        merged = [fresh.pop(d["env"], None) or CheckResult(**d) for d in prev["results"]]
+        results, wall = merged + list(fresh.values()), prev["wall_s"] + wall
+        a.json = a.json or a.update
     print(table(results))
     c = counts(results)
     print(f"\nGym {gym_version(root)}: {len(results)} environments: " + ", ".join(f"{k} {v}" for k, v in c.items())

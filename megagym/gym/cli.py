@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     pc.add_argument("--run-dir", default="runs/gym_check", help="Gym logs of each batch, the policy's log")
     pc.add_argument("--json", default="", help="also write the results here")
     pc.add_argument("--markdown", default="", help="also write a markdown report here")
+    pc.add_argument("--update", default="", help="an earlier --json: replace the named environments' "
+                    "results there (and in --markdown), keep the rest")
     pc.add_argument("--command", default="", help="the command line the markdown report names")
     pc.add_argument("--venv", default=".venv-gym", help="Gym's venv")
     if argv is None:

@@ -46,9 +46,10 @@ def test_missing_package_names_it_and_the_install_command(gym_root):
 
 def test_requirement_lines(tmp_path, gym_root):
     (tmp_path / "requirements.txt").write_text(
-        "-e nemo-gym[dev] @ ../../\n# a comment\nnumpy\nmegagym-no-such-package>=1.0  # why\n")
+        "-e nemo-gym[dev] @ ../../\n# a comment\nnumpy\nmegagym-no-such-package>=1.0  # why\n"
+        "git+https://example.invalid/x.git@main#egg=megagym-no-such-egg\n")
     assert check.missing_requirements([tmp_path], check.installed_distributions(gym_root)) == [
-        "megagym-no-such-package>=1.0"]
+        "megagym-no-such-package>=1.0", "git+https://example.invalid/x.git@main#egg=megagym-no-such-egg"]
 
 
 @pytest.mark.parametrize("name, needs", [
