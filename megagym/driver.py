@@ -4,7 +4,8 @@ Owns: on rank 0, the run's Gym stack (restarted when one of its servers dies, at
 `train.gym_restarts` times a run), the batch source (prompts, rollouts, validation), the weight
 sender into the policy servers, the metrics writer, `config.yaml`, `batches.jsonl` and the plots;
 turning a batch into trainable samples (advantages per group, then env-masked and overlong
-samples left out). On every other rank a `Driver` is inactive: each method does nothing and
+samples left out) with its staleness (how many weight versions its tokens are behind), and the
+idle shares of the trainer and of the policy servers each step. On every other rank a `Driver` is inactive: each method does nothing and
 returns None / {} (the weight export is still drained, since its gathers are collective).
 Must not: touch the model, the optimizer or torch.distributed (the loop and the Policy do).
 """
@@ -22,6 +23,7 @@ from megagym.config.schema import RunConfig
 from megagym.gym.stack import GymStack
 from megagym.metrics import MetricsWriter
 from megagym.rollout.batches import Batch, BatchSource, GymDied
+from megagym.rollout.stream import staleness
 from megagym.trainer.advantages import assign_advantages
 from megagym.trainer.checkpoint import latest_checkpoint
 from megagym.types import Sample
@@ -58,8 +60,12 @@ class Driver:
             cfg.env.run_dir = str(self.run_dir / "gym")
         self.stack = self._start_gym()
         self.source = BatchSource(cfg, self.stack)
+        # async: a sync freezes running generations and they continue on the new weights ("keep");
+        # otherwise nothing is running when the weights change ("wait" is a no-op safeguard)
         self.sender = make_sender(cfg.servers.weight_sync, cfg.servers.urls, bucket_bytes=cfg.servers.bucket_mb << 20,
-                                  timeout_s=cfg.servers.sync_timeout_s, api_key=cfg.servers.settings.get("api_key"))
+                                  timeout_s=cfg.servers.sync_timeout_s, api_key=cfg.servers.settings.get("api_key"),
+                                  pause_mode="keep" if cfg.train.mode == "async" else "wait")
+        self._server_idle = self._servers_idle_seconds()
         self.sender.init()
 
     def latest_checkpoint(self) -> str | None:
@@ -73,7 +79,7 @@ class Driver:
 
     def checkpoint_state(self) -> dict | None:
         """The caller state a checkpoint keeps (rank 0's; the loop broadcasts it)."""
-        return {"data": {"cursor": self.cursor_state}} if self.active else None
+        return {"data": self.source.state_dict(self.cursor_state)} if self.active else None
 
     def stop(self) -> None:
         if not self.active:
@@ -107,6 +113,7 @@ class Driver:
         assign_advantages(samples, g.normalize_std, g.leave_one_out, g.std_eps)
         keep = [s for s in samples if not s.mask_sample and not (self.cfg.train.overlong_filter and s.truncated)]
         metrics.update(batch.metrics)
+        metrics.update(staleness(samples, batch.trainer_version))
         if samples:
             metrics["rollout/reward_mean"] = sum(s.reward for s in samples) / len(samples)
         metrics.update({"batch/samples": len(samples), "batch/trained_samples": len(keep),
@@ -127,7 +134,8 @@ class Driver:
         stats = self.sender.send(tensors, weight_version=version)
         self.source.weight_version = stats.weight_version  # what the servers serve from now on
         return {"sync/seconds": stats.seconds, "sync/gb_per_s": stats.gb_per_s, "sync/buckets": stats.buckets,
-                "sync/weight_version": stats.weight_version}
+                "sync/weight_version": stats.weight_version, "sync/servers": len(self.sender.urls),
+                "sync/lost_servers": len(self.sender.lost)}
 
     def validate(self) -> dict:
         """Validation metrics (val/*, time/validation) once no prefetch is running."""
@@ -149,6 +157,12 @@ class Driver:
             busy = sum(metrics.get(f"time/{k}", 0.0)
                        for k in ("generation", "training", "sync", "validation", "checkpoint"))
             metrics["time/idle"] = max(0.0, metrics["time/step"] - busy)
+            # the trainer waits while rollouts it needs are still running (all of generation in sync mode)
+            metrics["time/trainer_idle_share"] = metrics.get("time/generation", 0.0) / max(metrics["time/step"], 1e-9)
+            idle = self._servers_idle_seconds()
+            if idle is not None and self._server_idle is not None:
+                metrics["time/server_idle_share"] = (idle - self._server_idle) / max(metrics["time/step"], 1e-9)
+            self._server_idle = idle
         self.writer.log(step, metrics)
         keys = ("rollout/reward_mean", "val/reward_mean", "train/loss", "train/gen_k3", "time/step")
         shown = "  ".join(f"{k}={metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), (int, float)))
@@ -167,6 +181,21 @@ class Driver:
                   file=sys.stderr)
 
     # ------------------------------------------------------------------ internals
+    def _servers_idle_seconds(self) -> float | None:
+        """Mean over the live policy servers of the seconds each spent with no request in flight."""
+        import requests
+
+        key = self.cfg.servers.settings.get("api_key")
+        seen = []
+        for url in self.sender.urls:
+            try:
+                r = requests.get(f"{url}/health", timeout=5,
+                                 headers={"Authorization": f"Bearer {key}"} if key else None)
+                seen.append(float(r.json()["idle_seconds"]))
+            except (requests.RequestException, ValueError, KeyError, TypeError):
+                return None
+        return sum(seen) / len(seen) if seen else None
+
     def _start_gym(self) -> GymStack:
         print(f"megagym train: starting Gym ({', '.join(self.cfg.env.environments)})", flush=True)
         return GymStack.start(self.cfg.env, policy_base_urls=[u.rstrip("/") + "/v1" for u in self.cfg.servers.urls])
@@ -192,4 +221,5 @@ class Driver:
         (`batches.jsonl`): resumes and staleness can be audited."""
         with open(self.run_dir / "batches.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, "rows": sorted(g.row_index for g in batch.groups),
+                                "rows_in_order": [g.row_index for g in batch.groups],
                                 "weight_versions": sorted({s.weight_version for s in batch.samples})}) + "\n")

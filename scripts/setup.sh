@@ -40,4 +40,7 @@ fi
 for extra in scripts/setup_gym.sh scripts/setup_models.sh; do
   [ -f "$extra" ] && bash "$extra"
 done
+# pi (a third-party agent that does not echo token ids; tests/gym/test_capture.py trains on it through
+# Gym's token capture). Optional: without npm or the registry its one test skips, nothing else needs it.
+bash scripts/setup_pi.sh || echo "setup: pi not installed (see scripts/setup_pi.sh); its capture test will skip"
 echo "setup: done ($ROOT/.venv)"

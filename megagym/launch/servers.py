@@ -4,7 +4,7 @@ Owns: the `megagym serve` settings of a run (`server_overrides`: its model dtype
 weight sync, then `servers.settings`, where the KV-cache size travels as `kv_cache_gib`), the GPU
 slice of each server (`gpu_slice`: vLLM tensor parallel = `servers.settings.tensor_parallel_size`
 devices each, taken in order from CUDA_VISIBLE_DEVICES), and `policy_servers(cfg, ...)`: start
-`servers.count` servers (or pass `servers.urls` through), wait until each answers /health, yield
+`servers.count` servers side by side (or pass `servers.urls` through), wait until each answers /health, yield
 their URLs, stop every one it started on the way out. Used by the local launcher (`megagym
 train`), `megagym eval` and `megagym cluster serve` (one server per Slurm task).
 Must not: start Gym or trainer ranks, or know what the servers are used for.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -76,13 +77,15 @@ def policy_servers(cfg, model_path: str, log_dir: Path, who: str = "megagym") ->
     if cfg.servers.urls:
         yield list(cfg.servers.urls)
         return
-    servers: list[ServerProcess] = []
+    servers = [ServerProcess(str(model_path), overrides=server_overrides(cfg),
+                             log_path=Path(log_dir) / f"server_{i}.log", env=server_gpu_env(cfg, i))
+               for i in range(cfg.servers.count)]
     try:
-        for i in range(cfg.servers.count):
-            sp = ServerProcess(str(model_path), overrides=server_overrides(cfg),
-                               log_path=Path(log_dir) / f"server_{i}.log", env=server_gpu_env(cfg, i))
+        for i, sp in enumerate(servers):
             print(f"{who}: starting policy server {i} (log {sp.log_path})", flush=True)
-            servers.append(sp.start(timeout_s=cfg.servers.start_timeout_s))
+        with ThreadPoolExecutor(len(servers)) as pool:  # side by side: start-up is mostly waiting
+            for started in [pool.submit(sp.start, timeout_s=cfg.servers.start_timeout_s) for sp in servers]:
+                started.result()
         yield [s.base_url for s in servers]
     finally:
         for sp in servers:

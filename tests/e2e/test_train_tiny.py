@@ -52,7 +52,7 @@ def _seeded_rows(overrides: list[str], steps: int) -> dict[int, list[int]]:
 
 
 def _leftovers(run_dir: Path) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if str(run_dir) in line and "ps -eo" not in line]
 
 
@@ -182,3 +182,89 @@ def test_killed_trainer_resumes_without_losing_or_repeating_prompts(tmp_path):
     # one step off: steps after the first train on samples of the previous weights
     assert max(r["train/gen_abs_diff"] for r in recs if r["step"] > 1) > 1e-4
     assert not _leftovers(run)
+
+
+def _server_pids(model_dir: Path) -> dict[int, int]:
+    """port -> pid of the `megagym serve` processes running the model in `model_dir`."""
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    found = {}
+    for line in out.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        parts = args.split()
+        if "megagym.cli" in parts and "serve" in parts and str(model_dir) in args and "--port" in parts:
+            found[int(parts[parts.index("--port") + 1])] = int(pid)
+    return found
+
+
+def _stop(proc) -> None:
+    """A failed test must not leave its run going: SIGTERM the launcher's group (it stops the servers and Gym)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _wait_for(path: Path, text: str, proc, timeout_s: float) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None and not (path.exists() and text in path.read_text()):
+        time.sleep(0.5)
+    assert proc.poll() is None, f"the run ended while waiting for {text!r} in {path.name}"
+    assert text in path.read_text(), f"{text!r} never appeared in {path}"
+
+
+def test_async_two_servers_survive_a_dead_server_and_a_killed_trainer(tmp_path):
+    """train.mode=async over two policy servers, a multi-call environment among the two: every model
+    call of a trajectory is served by one server and has its token versions recorded; weights reach
+    both servers under one version. Then one server is SIGKILLed (the run goes on with the other and
+    says which it lost), then the trainer (SIGKILL); the resumed run trains the groups that were
+    finished but untrained at its checkpoint first, and no prompt is trained twice."""
+    small = _small(6, "checkpoint.every_steps=2", "train.mode=async", "train.stale_groups=keep",
+                   "servers.count=2", "env.environments=[lowercase_words,example_multi_turn_gymnasium]")
+    run = tmp_path / "run"
+    run.mkdir()
+    proc = _train(run, *small)
+    try:
+        _wait_for(run / "metrics.jsonl", '"step": 2', proc, 900)
+        servers = _server_pids(tmp_path / "model")
+        assert len(servers) == 2, servers
+        steps = [r for r in read_metrics(run) if "train/loss" in r]
+        for r in steps:
+            assert r["sync/servers"] == 2 and r["sync/weight_version"] == r["step"]
+            assert r["rollout/split_server_rollouts"] == 0 and r["rollout/version_lookup_failures"] == 0
+            assert 0 <= r["batch/staleness_max"] <= 2 and "time/server_idle_share" in r
+        # the seeded cursor puts a multi-call environment's rows in the first two batches
+        assert max(r.get("rollout/example_multi_turn_gymnasium/turns_mean", 0) for r in steps) >= 2
+        lost_port, victim = sorted(servers.items())[1]
+        os.killpg(victim, signal.SIGKILL)  # the server and its engine core
+        _wait_for(tmp_path / "run.log", "lost policy server", proc, 600)
+        _wait_for(run / "metrics.jsonl", '"step": 4', proc, 900)
+        after = [r for r in read_metrics(run) if "train/loss" in r and r["step"] >= 4]
+        assert after and after[-1]["sync/servers"] == 1 and after[-1]["sync/lost_servers"] == 1
+        assert f":{lost_port}" in (tmp_path / "run.log").read_text().split("lost policy server", 1)[1][:80]
+
+        for pid in [int(p) for p in subprocess.run(["pgrep", "-f", f"megagym.train --worker.*{run}"],
+                                                    capture_output=True, text=True).stdout.split()]:
+            os.kill(pid, signal.SIGKILL)
+        assert proc.wait(timeout=300) != 0
+        ckpt = max((run / "checkpoints").glob("step_*"))
+        assert not _leftovers(run), _leftovers(run)
+        saved = json.loads((ckpt / "trainer_state.json").read_text())["extra_state"]["data"]
+        waiting = [g["row_index"] for g in json.loads(saved["ready"])]
+        k = int(ckpt.name.split("_")[1])
+
+        proc = _train(run, *small, resume=True)
+        assert proc.wait(timeout=1500) == 0, (tmp_path / "run.log").read_text()[-4000:]
+        rows = {}
+        for line in (run / "batches.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            rows[rec["step"]] = rec["rows_in_order"]  # a step repeated after the crash keeps its last record
+        assert sorted(rows) == list(range(1, 7))
+        after_resume = [r for s in range(k + 1, 7) for r in rows[s]]
+        assert after_resume[:len(waiting)] == waiting  # finished before the checkpoint: trained first
+        trained = [r for s in sorted(rows) for r in rows[s]]
+        assert len(trained) == len(set(trained)) == 6 * 4  # none twice (63 rows: the cursor does not wrap)
+        assert not _leftovers(run)
+    finally:
+        _stop(proc)
