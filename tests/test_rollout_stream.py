@@ -58,6 +58,14 @@ class ScriptedManager:
         return RolloutGroup(row_index, "env", samples)
 
 
+def _wait(condition, what: str, timeout_s: float = 30.0) -> None:
+    """Poll `condition` until it holds (no assumption about how fast the machine is)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
 def _train_cfg(**kw):
     base = dict(prompts_per_step=2, max_staleness=1, stale_groups="drop", dynamic_sampling=False)
     base.update(kw)
@@ -75,7 +83,8 @@ def test_take_bounds_in_flight_and_drops_groups_older_than_max_staleness():
     try:
         groups, m = s.take(2, trainer_version=0)
         assert len(groups) == 2 and m["async/dropped_stale_groups"] == 0
-        time.sleep(0.3)  # the stream refills up to prompts_per_step x (1 + max_staleness) = 4
+        # the stream refills up to prompts_per_step x (1 + max_staleness) = 4
+        _wait(lambda: len(s._ready) >= 2, "two version-0 groups waiting")
         assert mgr.max_running <= 4
         mgr.weight_version = 3  # new groups come from version 3; the waiting ones are 3 behind
         groups, m = s.take(2, trainer_version=3)
@@ -90,7 +99,7 @@ def test_keep_trains_stale_groups_and_dynamic_sampling_drops_equal_rewards():
     s = _stream(mgr, stale_groups="keep", dynamic_sampling=True)
     try:
         s.take(2, trainer_version=0)
-        time.sleep(0.2)
+        _wait(lambda: s.counts["dropped_equal_reward"] >= 1, "an equal-reward group dropped")
         groups, m = s.take(2, trainer_version=10)  # everything is 10 versions old: kept anyway
         assert len(groups) == 2 and m["async/dropped_stale_groups"] == 0
         assert all(g.row_index % 2 == 0 for g in groups) and m["async/dropped_equal_reward"] >= 1
@@ -102,7 +111,7 @@ def test_snapshot_runs_unfinished_rows_again_and_keeps_finished_groups():
     mgr = ScriptedManager(delay_s=0.05)
     s = _stream(mgr)
     s.take(2, trainer_version=0)
-    time.sleep(0.02)
+    _wait(lambda: s._running or s._ready, "groups running or waiting after the take")
     state = s.state_dict()
     s.stop()
     waiting = [g["row_index"] for g in json.loads(state["ready"])]
