@@ -83,9 +83,10 @@ def test_take_bounds_in_flight_and_drops_groups_older_than_max_staleness():
     try:
         groups, m = s.take(2, trainer_version=0)
         assert len(groups) == 2 and m["async/dropped_stale_groups"] == 0
-        # the stream refills up to prompts_per_step x (1 + max_staleness) = 4
+        # prompts_per_step x (1 + max_staleness) = 4, less the 2 taken under version 0: two more
+        # start, not four (those would be 2 versions old by their turn)
         _wait(lambda: len(s._ready) >= 2, "two version-0 groups waiting")
-        assert mgr.max_running <= 4
+        assert mgr.max_running <= 4 and len(mgr.started) == 4 and s._room() == 0
         mgr.weight_version = 3  # new groups come from version 3; the waiting ones are 3 behind
         groups, m = s.take(2, trainer_version=3)
         assert all(x.weight_version == 3 for g in groups for x in g.samples)

@@ -2,8 +2,10 @@
 
 Owns (rank 0, `train.mode: async`): a background thread with its own event loop that keeps
 rollout groups running against the policy servers — prompts from the shared seeded cursor, at most
-`prompts_per_step x (1 + max_staleness)` groups in flight or finished and waiting — and the buffer
-of finished groups. `take()` gives the trainer the oldest `prompts_per_step` finished groups whose
+`prompts_per_step x (1 + max_staleness)` groups in flight or finished and waiting, less the groups
+the trainer has already taken under the current weights (so a group starts only if its turn comes
+while it is at most `max_staleness` versions old; without that, groups started while a batch trains
+go stale and are thrown away) — and the buffer of finished groups. `take()` gives the trainer the oldest `prompts_per_step` finished groups whose
 oldest token is at most `max_staleness` weight versions behind it; older groups are dropped
 (counted) or, with `stale_groups: keep`, trained anyway. Dynamic sampling drops equal-reward groups
 as they finish and the next prompt takes their place. The weights change under running
@@ -43,6 +45,8 @@ class RolloutStream:
         self.check_gym = check_gym  # raises `gym_died` when a Gym server of the run is dead
         self.gym_died = gym_died
         self.capacity = train_cfg.prompts_per_step * (1 + train_cfg.max_staleness)
+        self._version: int | None = None  # the trainer's weights at the last take()
+        self._taken_at_version = 0  # groups taken under those weights
         self._cond = threading.Condition()
         self._ready: list[RolloutGroup] = []
         self._running: dict[int, int] = {}  # task id -> row index
@@ -60,6 +64,9 @@ class RolloutStream:
         self._ensure_started()
         t = self.cfg
         with self._cond:
+            if trainer_version != self._version:  # the servers have these weights now
+                self._version, self._taken_at_version = trainer_version, 0
+                self._cond.notify_all()
             while True:
                 if self._error is not None:
                     raise self._error
@@ -73,11 +80,13 @@ class RolloutStream:
                 self._ready = kept
                 if len(self._ready) >= n:
                     groups, self._ready = self._ready[:n], self._ready[n:]
+                    self._taken_at_version += n
                     self._cond.notify_all()  # room for new rollouts
                     break
                 self._cond.wait(0.5)
             metrics = {f"async/{k}": v for k, v in self.counts.items()}
-            metrics.update({"async/groups_waiting": len(self._ready), "async/groups_running": len(self._running)})
+            metrics.update({"async/groups_waiting": len(self._ready), "async/groups_running": len(self._running),
+                            "async/start_budget": self._room()})
             metrics.update(self.metrics.summary())
             self.metrics = RolloutMetrics(self.manager.success_threshold)
         return groups, metrics
@@ -117,6 +126,15 @@ class RolloutStream:
                                             name="megagym-async-rollouts", daemon=True)
             self._thread.start()
 
+    def _room(self) -> int:
+        """How many more groups may start now (under the lock).
+
+        A group that starts now runs under the weights the trainer last took a batch with (or newer);
+        the groups ahead of it (running, waiting) are taken first, `prompts_per_step` per step, so it
+        is trained within `max_staleness` versions only if fewer than capacity minus what the
+        trainer already took under those weights are ahead of it."""
+        return self.capacity - self._taken_at_version - len(self._ready) - len(self._running)
+
     def _next_row(self) -> int:
         """A row to run (under the lock): queued ones first, then the cursor's."""
         if self._queue:
@@ -133,7 +151,7 @@ class RolloutStream:
                     with self._cond:
                         if self._stop:
                             break
-                        while len(self._ready) + len(self._running) < self.capacity:
+                        while self._room() > 0:
                             row = self._next_row()
                             m = RolloutMetrics(manager.success_threshold)
                             task = asyncio.create_task(manager.run_group(client, sem, self.rows[row], row, m))
