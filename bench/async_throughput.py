@@ -1,9 +1,12 @@
 """Synchronous vs one-step-off vs asynchronous GRPO on the same CPU run, side by side.
 
 Each run is `megagym train CONFIG train.mode=M run.seed=S` with its policy server pinned to one core
-and the trainer (with Gym, which rank 0 starts) to the other (`taskset` semantics through
-`os.sched_setaffinity`, inherited by every child), so that each stands in for its own device. The
-server is started fresh for every run (a run changes its weights). Per mode and seed:
+and the trainer to the other (`taskset` semantics through `os.sched_setaffinity`, inherited by every
+child), so that each stands in for its own device. Gym (which trainer rank 0 starts) is moved to the
+server's core as its processes appear (`--gym-core`, default the server's): on a cluster Gym runs
+on host CPUs, not on the trainer's device, and left on the trainer's core its work during
+overlapped modes would slow the trainer. The server is started fresh for every run (a run changes
+its weights). Per mode and seed:
 
     samples/min        trained samples over the training wall time (steps minus validation and
                        checkpoint time)
@@ -26,8 +29,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -43,7 +48,45 @@ from megagym.metrics.writer import read_metrics  # noqa: E402
 MODES = ("sync", "one_step_off", "async")
 
 
-def one_run(config: str, mode: str, seed: int, out: Path, extra: list[str], cores: tuple[int, int]) -> None:
+def _gym_pids() -> set[int]:
+    """Processes of Gym's venv and everything they started."""
+    parent, roots = {}, set()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes()
+            parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"/.venv-gym/" in cmd:
+            roots.add(int(d.name))
+    pids, grew = set(roots), True
+    while grew:
+        more = {p for p, pp in parent.items() if pp in pids and p not in pids}
+        pids |= more
+        grew = bool(more)
+    return pids
+
+
+def pin_gym(core: int, stop: threading.Event) -> None:
+    """Until `stop`: keep every Gym process on `core` (new ones are pinned within half a second)."""
+    while not stop.wait(0.5):
+        for pid in _gym_pids():
+            try:
+                threads = [int(t.name) for t in Path(f"/proc/{pid}/task").iterdir()]
+            except OSError:  # gone meanwhile
+                continue
+            for tid in threads:  # affinity is per thread
+                try:
+                    if os.sched_getaffinity(tid) != {core}:
+                        os.sched_setaffinity(tid, {core})
+                except OSError:
+                    pass
+
+
+def one_run(config: str, mode: str, seed: int, out: Path, extra: list[str], cores: tuple[int, int],
+            gym_core: int) -> None:
     run_dir = out / f"{mode}_seed{seed}"
     overrides = [f"train.mode={mode}", f"run.seed={seed}", f"run.output_dir={run_dir}", "rollout.progress=false",
                  *extra]
@@ -62,8 +105,21 @@ def one_run(config: str, mode: str, seed: int, out: Path, extra: list[str], core
             t0 = time.monotonic()
             print(f"[{time.strftime('%H:%M:%S')}] {mode} seed {seed}: {run_dir}", flush=True)
             env.update(OMP_NUM_THREADS="1")
-            with open(run_dir / "train.log", "w") as f:
-                rc = subprocess.call(argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+            stop = threading.Event()
+            pinner = threading.Thread(target=pin_gym, args=(gym_core, stop), daemon=True)
+            pinner.start()
+            try:
+                with open(run_dir / "train.log", "w") as f:
+                    proc = subprocess.Popen(argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+                    try:
+                        rc = proc.wait()
+                    except BaseException:  # Ctrl-C / SIGTERM: let the trainer stop Gym, then go
+                        proc.terminate()
+                        proc.wait(120)
+                        raise
+            finally:
+                stop.set()
+                pinner.join()
             if rc:
                 raise SystemExit(f"{mode} seed {seed} exited {rc}: see {run_dir / 'train.log'}")
             print(f"    done in {(time.monotonic() - t0) / 60:.1f} min", flush=True)
@@ -119,14 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "async_throughput")
     p.add_argument("--cores", type=int, nargs=2, default=(0, 1), metavar=("SERVER", "TRAINER"))
+    p.add_argument("--gym-core", type=int, default=None, help="the core Gym runs on (default: the server's)")
     p.add_argument("--summarize-only", action="store_true")
     a = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up as Ctrl-C does
     if not a.summarize_only:
         if len(os.sched_getaffinity(0)) < 2:
             raise SystemExit("needs two cores (one for the server, one for the trainer)")
         for seed in a.seeds:
             for mode in a.modes:
-                one_run(a.config, mode, seed, a.out, a.overrides, tuple(a.cores))
+                one_run(a.config, mode, seed, a.out, a.overrides, tuple(a.cores),
+                        a.cores[0] if a.gym_core is None else a.gym_core)
     print(table(a.out, a.seeds))
     return 0
 

@@ -2,7 +2,8 @@
 
 Owns: on rank 0, the run's Gym stack (restarted when one of its servers dies, at most
 `train.gym_restarts` times a run), the batch source (prompts, rollouts, validation), the weight
-sender into the policy servers, the metrics writer, `config.yaml`, `batches.jsonl` and the plots;
+sender into the policy servers (when a server is lost and one is left, Gym's policy model is moved
+onto it), the metrics writer, `config.yaml`, `batches.jsonl` and the plots;
 turning a batch into trainable samples (advantages per group, then env-masked and overlong
 samples left out) with its staleness (how many weight versions its tokens are behind), and the
 idle shares of the trainer and of the policy servers each step. On every other rank a `Driver` is inactive: each method does nothing and
@@ -20,6 +21,7 @@ import yaml
 
 from megagym.config import ConfigError, redacted, to_dict
 from megagym.config.schema import RunConfig
+from megagym.gym.compose import publish_policy_endpoint
 from megagym.gym.stack import GymStack
 from megagym.metrics import MetricsWriter
 from megagym.rollout.batches import Batch, BatchSource, GymDied
@@ -133,6 +135,9 @@ class Driver:
             return {}
         stats = self.sender.send(tensors, weight_version=version)
         self.source.weight_version = stats.weight_version  # what the servers serve from now on
+        if stats.lost_servers and len(self.sender.urls) == 1:  # Gym's sessions go to the one left
+            publish_policy_endpoint(self.stack.plan, self._gym_url(self.sender.urls[0]))
+            print(f"megagym train: Gym's policy model now uses {self.sender.urls[0]} alone", flush=True)
         return {"sync/seconds": stats.seconds, "sync/gb_per_s": stats.gb_per_s, "sync/buckets": stats.buckets,
                 "sync/weight_version": stats.weight_version, "sync/servers": len(self.sender.urls),
                 "sync/lost_servers": len(self.sender.lost)}
@@ -198,7 +203,13 @@ class Driver:
 
     def _start_gym(self) -> GymStack:
         print(f"megagym train: starting Gym ({', '.join(self.cfg.env.environments)})", flush=True)
-        return GymStack.start(self.cfg.env, policy_base_urls=[u.rstrip("/") + "/v1" for u in self.cfg.servers.urls])
+        live = self.sender.urls if self.sender is not None else self.cfg.servers.urls  # none lost yet
+        return GymStack.start(self.cfg.env, policy_base_urls=[self._gym_url(u) for u in live])
+
+    @staticmethod
+    def _gym_url(server_url: str) -> str:
+        """A policy server's base URL as Gym's model clients use it."""
+        return server_url.rstrip("/") + "/v1"
 
     def _with_gym(self, what: str, fn):
         """`fn()` (a batch or a validation); when a Gym server has died, restart the whole stack and

@@ -7,7 +7,9 @@ overrides file), the overrides (per-environment, then run-wide, then what megagy
 `skip_venv_if_present` + `uv_venv_dir`), the environment variables and the working directory.
 For environments with `token_capture`, it also turns on Gym's training-token capture: the run-level
 `token_id_capture: {enabled, dir}` block (Gym's file store under the run dir) and the agent's own
-`token_id_capture: true` flag (so only those agents' rollouts are captured).
+`token_id_capture: true` flag (so only those agents' rollouts are captured). The policy model
+(Gym's vllm_model) gets an endpoint file under the run dir that does not exist until
+`publish_policy_endpoint` writes the one server left after the others died.
 Also prepares the venv links Gym looks up (`<uv_venv_dir>/<type>/<name>/.venv`), all pointing
 at the one prepared `.venv-gym`, so starting Gym installs nothing.
 Must not: start processes (that is `process.py`) or import nemo_gym.
@@ -47,6 +49,7 @@ class LaunchPlan:
     extra_roots: list[Path] = field(default_factory=list)
     token_capture_dir: Path | None = None  # Gym's token file store (None: no environment captures)
     capture_agents: list[str] = field(default_factory=list)  # agents whose rollouts Gym captures
+    policy_endpoint_file: Path | None = None  # Gym's vllm_model endpoint file (see `publish_policy_endpoint`)
 
     @property
     def agent_to_env(self) -> dict[str, str]:
@@ -125,6 +128,25 @@ def agent_server_type(agent: str, config_paths: list[Path]) -> str:
                       f"{', '.join(str(p) for p in config_paths)}")
 
 
+def vllm_model_servers(config_path: Path) -> list[str]:
+    """Names of the `responses_api_models.vllm_model` servers a Gym config defines."""
+    data = yaml.safe_load(config_path.read_text()) or {}
+    return [name for name, entry in data.items() if isinstance(entry, dict)
+            and isinstance(entry.get("responses_api_models"), dict) and "vllm_model" in entry["responses_api_models"]]
+
+
+def publish_policy_endpoint(plan: LaunchPlan, base_url: str) -> None:
+    """Point Gym's policy model at `base_url` alone (the one policy server left after the others died).
+
+    Gym's vllm_model re-reads its endpoint file (at most every 10 s) and sends every new session
+    there. Without the file, a session pinned to a dead server retries its connection forever."""
+    if plan.policy_endpoint_file is None:
+        return
+    tmp = plan.policy_endpoint_file.with_suffix(".tmp")
+    tmp.write_text(base_url + "\n")
+    os.replace(tmp, plan.policy_endpoint_file)
+
+
 def compose(
     cfg: GymConfig,
     policy_base_urls: list[str] | None = None,
@@ -198,6 +220,14 @@ def compose(
         for agent in capture_agents:
             kind = agent_server_type(agent, config_paths)
             injected[agent] = {"responses_api_agents": {kind: {"token_id_capture": True}}}
+    # An endpoint file that does not exist yet, with no deadline for its absence: Gym's vllm_model
+    # then bounds its connection retries (8 x 0.5 s) instead of retrying a dead server forever, and
+    # `publish_policy_endpoint` can move it onto a surviving server.
+    endpoint_file = None
+    for server in vllm_model_servers(policy_cfg):
+        endpoint_file = rd / "policy_endpoint"
+        injected.setdefault(server, {})["responses_api_models"] = {"vllm_model": {
+            "endpoint_file": str(endpoint_file), "endpoint_stale_grace_s": 1.0e12}}
     overrides = deep_merge(overrides, injected)
     overrides_file = rd / "megagym_gym_overrides.yaml"
 
@@ -222,9 +252,12 @@ def compose(
         head_url=f"http://{cfg.host}:{head_port}", config_paths=config_paths, overrides=overrides,
         environments=envs, overrides_file=overrides_file, log_file=rd / "gym.log",
         venv_links=links, extra_roots=roots, token_capture_dir=capture_dir, capture_agents=capture_agents,
+        policy_endpoint_file=endpoint_file,
     )
     if write:
         rd.mkdir(parents=True, exist_ok=True)
+        if endpoint_file is not None:
+            endpoint_file.unlink(missing_ok=True)  # a new stack starts on every server in `urls`
         overrides_file.write_text(
             "# Written by megagym (megagym/gym/compose.py): merged last over the Gym configs.\n"
             + yaml.safe_dump(overrides, sort_keys=False)

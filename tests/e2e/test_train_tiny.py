@@ -221,7 +221,8 @@ def test_async_two_servers_survive_a_dead_server_and_a_killed_trainer(tmp_path):
     says which it lost), then the trainer (SIGKILL); the resumed run trains the groups that were
     finished but untrained at its checkpoint first, and no prompt is trained twice."""
     small = _small(6, "checkpoint.every_steps=2", "train.mode=async", "train.stale_groups=keep",
-                   "servers.count=2", "env.environments=[lowercase_words,example_multi_turn_gymnasium]")
+                   "servers.count=2", "env.environments=[lowercase_words,example_multi_turn_gymnasium]",
+                   "run.seed=2")  # seed 2's cursor: multi-call rows 4, 7 and 8 of the first 8
     run = tmp_path / "run"
     run.mkdir()
     proc = _train(run, *small)
@@ -234,7 +235,7 @@ def test_async_two_servers_survive_a_dead_server_and_a_killed_trainer(tmp_path):
             assert r["sync/servers"] == 2 and r["sync/weight_version"] == r["step"]
             assert r["rollout/split_server_rollouts"] == 0 and r["rollout/version_lookup_failures"] == 0
             assert 0 <= r["batch/staleness_max"] <= 2 and "time/server_idle_share" in r
-        # the seeded cursor puts a multi-call environment's rows in the first two batches
+        # the seeded cursor puts multi-call rows among the first 8 (the only ones run before step 2)
         assert max(r.get("rollout/example_multi_turn_gymnasium/turns_mean", 0) for r in steps) >= 2
         lost_port, victim = sorted(servers.items())[1]
         os.killpg(victim, signal.SIGKILL)  # the server and its engine core

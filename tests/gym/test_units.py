@@ -11,7 +11,7 @@ import yaml
 
 from megagym.config import ConfigError, load
 from megagym.config.schema import RunConfig
-from megagym.gym.compose import compose, ray_tmpdir
+from megagym.gym.compose import compose, publish_policy_endpoint, ray_tmpdir
 from megagym.gym.config import GymConfig, resolve_environments
 from megagym.rollout import ContiguityError, RolloutConfig, RolloutManager, TrajectoryError, trajectory_to_sample
 from megagym.gym.rows import load_env_rows
@@ -48,6 +48,12 @@ rollout: {n: 4, max_output_tokens: 16}
     assert written["skip_venv_if_present"] is True and written["uv_venv_dir"] == str(plan.venv_links)
     assert written["lowercase_words_simple_agent"]["responses_api_agents"]["simple_agent"]["max_steps"] == 2
     assert written["math_with_judge"]["resources_servers"]["math_with_judge"]["should_use_judge"] is False
+    # the policy model's endpoint file: absent at start (every URL serves), then the one server left
+    model = written["policy_model"]["responses_api_models"]["vllm_model"]
+    assert model["endpoint_file"] == str(plan.policy_endpoint_file) and model["endpoint_stale_grace_s"] >= 1e9
+    assert not plan.policy_endpoint_file.exists()
+    publish_policy_endpoint(plan, URLS[1])
+    assert plan.policy_endpoint_file.read_text().strip() == URLS[1]
     assert plan.agent_to_env == {"math_with_judge_simple_agent": "math_with_judge",
                                  "lowercase_words_simple_agent": "lowercase_words"}
     assert plan.env["NEMO_GYM_EXTRA_ROOTS"].endswith("/envs")
