@@ -336,7 +336,8 @@ def classify(env: GymEnv, gym_root: Path, installed: set[str] | None = None) -> 
     rows = _rows(env.example)
     if not rows:
         env.needs.append("no example rows (data/example.jsonl missing or empty)")
-    elif any(re.search(r'"(input_image|image_url|input_audio|input_file)"', json.dumps(r)) for r in rows):
+    elif any(re.search(r'"(input_image|image_url|input_audio|input_file|audio_url|audio_data|audio_paths?)"',
+                       json.dumps(r)) for r in rows):
         env.needs.append("a multimodal policy (its rows carry images, audio or files; megagym's policy "
                          "server takes text only)")
     named = collections.Counter(r.get("agent_ref", {}).get("name") for r in rows

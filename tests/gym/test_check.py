@@ -57,6 +57,7 @@ def test_requirement_lines(tmp_path, gym_root):
     ("over_refusal_detection", "settings it does not get: judge_api_key, judge_base_url, judge_model_name"),
     ("ns_tools", "a code-execution sandbox server (NEMO_SKILLS_SANDBOX_HOST"),
     ("swebench", "an agent config from elsewhere"),
+    ("asr_with_pc", "a multimodal policy (its rows carry images, audio"),  # audio in metadata.audio_data
 ])
 def test_needs_beyond_the_policy_are_named_before_starting(gym_root, name, needs):
     assert any(n.startswith(needs) for n in check.lookup(name, gym_root).needs)
