@@ -5,10 +5,11 @@ rollout groups running against the policy servers — prompts from the shared se
 `prompts_per_step x (1 + max_staleness)` groups in flight or finished and waiting, less the groups
 the trainer has already taken under the current weights (so a group starts only if its turn comes
 while it is at most `max_staleness` versions old; without that, groups started while a batch trains
-go stale and are thrown away) — and the buffer of finished groups. `take()` gives the trainer the oldest `prompts_per_step` finished groups whose
-oldest token is at most `max_staleness` weight versions behind it; older groups are dropped
-(counted) or, with `stale_groups: keep`, trained anyway. Dynamic sampling drops equal-reward groups
-as they finish and the next prompt takes their place. The weights change under running
+go stale and are thrown away) — and the buffer of finished groups. `take()` gives the trainer the
+oldest `prompts_per_step` finished groups whose oldest token is at most `max_staleness` weight
+versions behind it; older groups are dropped (counted) or, with `stale_groups: keep`, trained
+anyway. Dynamic sampling drops equal-reward groups as they finish and the next prompt takes their
+place. The weights change under running
 generations (the servers freeze them, swap, resume): every token carries the version that made
 it, looked up by the rollout manager.
 
