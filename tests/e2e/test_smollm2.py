@@ -187,7 +187,10 @@ def test_convert_to_hf_gives_the_trained_models_logprobs(imported, two_steps, tm
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     moved = 0.0
     for seq, trained, base in zip(ref["seqs"], ref["trained"], ref["base"]):
-        got = _logprobs(model, seq)
-        assert float((got - torch.tensor(trained)).abs().max()) <= 1e-4
-        moved = max(moved, float((torch.tensor(trained) - torch.tensor(base)).abs().max()))
+        got, trained = _logprobs(model, seq), torch.tensor(trained)
+        # 1e-4 plus 1e-5 relative: fp32 op order differs between Megatron and transformers, and a
+        # token at logprob -18 was seen 1.07e-4 apart (6e-6 relative)
+        excess = (got - trained).abs() - (1e-4 + 1e-5 * trained.abs())
+        assert float(excess.max()) <= 0, float((got - trained).abs().max())
+        moved = max(moved, float((trained - torch.tensor(base)).abs().max()))
     assert moved > 1e-4, "the checkpoint holds the base weights: training changed nothing"
