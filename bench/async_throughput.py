@@ -18,7 +18,8 @@ its weights). Per mode and seed:
 and the ratio of each mode's samples/min to sync's of the same seed.
 
     .venv/bin/python bench/async_throughput.py                              # tiny config, seeds 1 2
-    .venv/bin/python bench/async_throughput.py --config configs/smollm2_cpu.yaml --seeds 1 train.steps=6
+    .venv/bin/python bench/async_throughput.py train.steps=6 optim.total_steps=6 --config configs/smollm2_cpu.yaml --seeds 1
+                                          # overrides first: --seeds/--modes take every word after them
     .venv/bin/python bench/async_throughput.py --summarize-only             # tables from finished runs
 
 Writes OUT/summary.md and OUT/summary.json (OUT defaults to runs/async_throughput).
@@ -94,8 +95,8 @@ def one_run(config: str, mode: str, seed: int, out: Path, extra: list[str], core
     overrides += materialize_model(cfg)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     every = set(range(os.cpu_count() or 1))
-    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=str(cores[0]))
-    os.environ.update(VLLM_CPU_OMP_THREADS_BIND=str(cores[0]))
+    os.environ.update(VLLM_CPU_OMP_THREADS_BIND=str(cores[0]))  # the servers' engine threads
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # the trainer's
     os.sched_setaffinity(0, {cores[0]})  # the server (and its engine core) inherit core 0
     try:
         with policy_servers(cfg, cfg.model.hf_path, run_dir / "logs", "bench") as urls:
@@ -104,7 +105,6 @@ def one_run(config: str, mode: str, seed: int, out: Path, extra: list[str], core
                     f"servers.urls={json.dumps(urls)}"]
             t0 = time.monotonic()
             print(f"[{time.strftime('%H:%M:%S')}] {mode} seed {seed}: {run_dir}", flush=True)
-            env.update(OMP_NUM_THREADS="1")
             stop = threading.Event()
             pinner = threading.Thread(target=pin_gym, args=(gym_core, stop), daemon=True)
             pinner.start()
