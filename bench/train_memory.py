@@ -8,8 +8,11 @@ activation recomputation's saving, and packed vs padded throughput on a length-s
 2. Estimator: `megagym.launch.memory_plan.estimate(kind="cpu")` for each measured config against
    its measured peak (bar: within +-25%); its constants were fitted on model A8 only.
 3. Packing: the same length-skewed batch (lengths log-uniform in [32, 1024]) through
-   `Policy.train_step` with `optim.pack_sequences` true and false, steps interleaved in one
-   process so both see the same machine load; tokens/s counts real tokens.
+   `Policy.train_step` in three layouts, steps interleaved in one process so all see the same
+   machine load; tokens/s counts real tokens. Packed (`optim.pack_sequences`: first-fit
+   decreasing, each sample attended alone), megagym's padded default (sorted by length, so
+   neighbours pad little) and, as the baseline, a fixed number of rows per micro-batch in the
+   batch's own order, each padded to its micro-batch's longest (a trainer without length grouping).
 
 Every measurement runs in its own child process, one at a time (the parent holds no model).
 Models are small random Qwen3s written to a temp dir (MODELS: 8 and 24 layers of width 256 with
@@ -47,7 +50,8 @@ MODELS = {  # write_tiny_qwen3 overrides
 BUDGET = 2048
 # (model, parallel overrides, optim overrides, rows x row length). The estimator's constants (the
 # CPU runtime, the unfused attention's bytes per score) were fitted on A8 only; A24 (3x deeper)
-# and B (another width, untied, whole-micro-batch logits) were not used for tuning.
+# and B (another width, untied, whole-micro-batch logits) were not used for tuning, nor the packed
+# run (two samples in one row, attended sample by sample: no scores kept).
 MEMORY_RUNS = [
     ("A8", {"recompute": "none"}, {"logprob_chunk_tokens": 512}, (2, 1024)),
     ("A8", {"recompute": "full"}, {"logprob_chunk_tokens": 512}, (2, 1024)),
@@ -56,6 +60,7 @@ MEMORY_RUNS = [
     ("A24", {"recompute": "selective"}, {"logprob_chunk_tokens": 512}, (2, 1024)),
     ("B", {"recompute": "none"}, {"logprob_chunk_tokens": 0}, (4, 512)),
     ("B", {"recompute": "full"}, {"logprob_chunk_tokens": 512}, (4, 512)),
+    ("A24", {"recompute": "none"}, {"logprob_chunk_tokens": 512, "pack_sequences": True}, (2, 1024)),
 ]
 
 
@@ -118,31 +123,53 @@ def child_memory(spec: dict) -> dict:
     return {"peak": _vm("VmHWM"), "before": before, "loss": m["loss"]}
 
 
+def fixed_rows_plan(ids: list[int], lengths: list[int], budget: int) -> list[list[int]]:
+    """Baseline only: a fixed number of samples per micro-batch (as many of the batch's longest as
+    the budget holds), in the batch's own order, each row padded to its micro-batch's longest: the
+    layout of a trainer without length grouping or packing (a fixed micro-batch size and a
+    collator padding to the longest, as transformers' Trainer does)."""
+    rows = max(1, budget // max(lengths[i] for i in ids))
+    return [ids[k:k + rows] for k in range(0, len(ids), rows)]
+
+
+LAYOUTS = ("padded, fixed rows", "padded, sorted", "packed")
+# The packing part's model: its transformer layers, not its vocabulary projection, take most of the
+# step, as in the models megagym trains (Qwen3-4B: 3.6B parameters in the layers, 0.4B in the
+# head). The 2-layer tiny Qwen3 (hidden 128, 152k vocabulary) spends ~90% of a step on the head,
+# which only trained tokens reach in every layout, so no layout could change its step time.
+PACKING_MODEL = "A8"
+
+
 def child_packing(spec: dict) -> dict:
     import torch
 
+    import megagym.trainer.policy as policy_module
+    from megagym.trainer.packing import pack_bins
     from megagym.trainer.policy import Policy
+    from megagym.trainer.step import plan_micro_batches
 
     torch.set_num_threads(2)
     samples = make_samples(skewed_lengths(spec["n"]), seed=1)
     pol = {k: Policy.build(build_cfg(spec["hf"], {}, {"pack_sequences": k == "packed", "logprob_chunk_tokens": 512}))
-           for k in ("padded", "packed")}
+           for k in LAYOUTS}
+    plans = {"padded, fixed rows": fixed_rows_plan, "padded, sorted": plan_micro_batches, "packed": pack_bins}
     times: dict[str, list[float]] = {k: [] for k in pol}
     losses = {}
     for i in range(spec["steps"] + 1):
         for k, p in pol.items():
+            policy_module.plan_micro_batches = fixed_rows_plan if k == LAYOUTS[0] else plan_micro_batches
             t0 = time.perf_counter()
             losses[k] = p.train_step(samples)["loss"]
             if i:
                 times[k].append(time.perf_counter() - t0)
-    from megagym.trainer.packing import pack_bins
-    from megagym.trainer.step import plan_micro_batches
+    policy_module.plan_micro_batches = plan_micro_batches
 
     lengths = [len(s.token_ids) - 1 for s in samples]
     ids = list(range(len(samples)))
-    padded_slots = sum(len(g) * max(lengths[i] for i in g) for g in plan_micro_batches(ids, lengths, BUDGET))
-    return {"tokens": sum(lengths), "padded_slots": padded_slots, "bins": len(pack_bins(ids, lengths, BUDGET)),
-            "micro_batches": len(plan_micro_batches(ids, lengths, BUDGET)),
+    slots = {k: sum(len(g) * max(lengths[i] for i in g) for g in plans[k](ids, lengths, BUDGET)) for k in LAYOUTS[:2]}
+    slots["packed"] = sum(lengths)  # rows hold samples back to back
+    return {"tokens": sum(lengths), "slots": slots,
+            "micro_batches": {k: len(plans[k](ids, lengths, BUDGET)) for k in LAYOUTS},
             "step_s": {k: statistics.median(v) for k, v in times.items()}, "loss": losses}
 
 
@@ -160,32 +187,35 @@ def part_memory(dirs: dict) -> None:
     from megagym.models import read_arch
 
     print(f"one train step, peak RSS of the step (GiB); micro-batch budget {BUDGET} tokens, fp32, local spec")
-    print(f"{'model':6s}{'recompute':11s}{'chunk':>6s}{'rows x len':>12s}{'measured':>10s}{'plan':>8s}"
+    print(f"{'model':6s}{'recompute':11s}{'chunk':>6s}{'samples x len':>14s}{'packed':>7s}{'measured':>10s}{'plan':>8s}"
           f"{'plan/meas':>10s}{'loss':>14s}")
     measured = {}
     for model, par, opt, shape in MEMORY_RUNS:
         r = run_child("memory", {"hf": str(dirs[model]), "parallel": par, "optim": opt, "shape": shape})
         cfg = build_cfg(str(dirs[model]), par, opt)
         plan = estimate(read_arch(dirs[model]), cfg, nproc=1, kind="cpu", max_sample_tokens=shape[1])
-        measured[(model, par["recompute"])] = r
-        print(f"{model:6s}{par['recompute']:11s}{opt['logprob_chunk_tokens']:6d}{f'{shape[0]} x {shape[1]}':>12s}"
+        packed = bool(opt.get("pack_sequences"))
+        measured[(model, par["recompute"], packed)] = r
+        print(f"{model:6s}{par['recompute']:11s}{opt['logprob_chunk_tokens']:6d}{f'{shape[0]} x {shape[1]}':>14s}"
+              f"{'yes' if packed else 'no':>7s}"
               f"{r['peak'] / GIB:10.2f}{plan.total / GIB:8.2f}{plan.total / r['peak']:10.2f}{r['loss']:14.8f}")
-    none, full = measured[("A24", "none")], measured[("A24", "full")]
+    none, full = measured[("A24", "none", False)], measured[("A24", "full", False)]
     print(f"full / no recompute peak RSS (model A24): {full['peak'] / none['peak']:.2f}; "
           f"loss difference {abs(full['loss'] - none['loss']):.2e}")
 
 
 def part_packing(dirs: dict, n: int, steps: int) -> None:
-    r = run_child("packing", {"hf": str(dirs["tiny"]), "n": n, "steps": steps})
+    r = run_child("packing", {"hf": str(dirs[PACKING_MODEL]), "n": n, "steps": steps})
     tok = r["tokens"]
     print(f"length-skewed batch: {n} samples, lengths log-uniform in [32, 1024], {tok} tokens; budget {BUDGET}; "
-          f"padded: {r['micro_batches']} micro-batches, {r['padded_slots']} slots "
-          f"({100 * (r['padded_slots'] / tok - 1):.0f}% padding); packed: {r['bins']} bins; "
           f"median of {steps} interleaved steps; load average {os.getloadavg()[0]:.1f}")
-    print(f"{'':28s}{'step s':>10s}{'tokens/s':>12s}{'loss':>16s}")
-    for k in ("padded", "packed"):
-        print(f"{'megagym ' + k:28s}{r['step_s'][k]:10.3f}{tok / r['step_s'][k]:12.0f}{r['loss'][k]:16.8f}")
-    print(f"packed / padded tokens/s: {r['step_s']['padded'] / r['step_s']['packed']:.2f}")
+    print(f"{'':30s}{'micro-batches':>14s}{'padding':>9s}{'step s':>9s}{'tokens/s':>10s}{'vs packed':>10s}{'loss':>14s}")
+    for k in LAYOUTS:
+        print(f"{'megagym ' + k:30s}{r['micro_batches'][k]:14d}{100 * (r['slots'][k] / tok - 1):8.0f}%"
+              f"{r['step_s'][k]:9.3f}{tok / r['step_s'][k]:10.0f}{r['step_s']['packed'] / r['step_s'][k]:10.2f}"
+              f"{r['loss'][k]:14.8f}")
+    for k in LAYOUTS[:2]:
+        print(f"packed / {k} tokens/s: {r['step_s'][k] / r['step_s']['packed']:.2f}")
 
 
 def main(argv=None) -> int:
@@ -203,9 +233,8 @@ def main(argv=None) -> int:
     from megagym.testing.tiny_qwen3 import write_tiny_qwen3
 
     with tempfile.TemporaryDirectory() as tmp:
-        dirs = {"tiny": write_tiny_qwen3(Path(tmp) / "tiny", seed=0)}
+        dirs = {k: write_tiny_qwen3(Path(tmp) / k, seed=0, **v) for k, v in MODELS.items()}
         if a.part in ("all", "memory"):
-            dirs.update({k: write_tiny_qwen3(Path(tmp) / k, seed=0, **v) for k, v in MODELS.items()})
             part_memory(dirs)
         if a.part in ("all", "packing"):
             part_packing(dirs, a.samples, a.steps)

@@ -26,6 +26,7 @@ Prints a table and the ratios (megagym / baseline). Runs in a single process (no
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -42,7 +43,8 @@ from megagym.trainer import quiet_known_warnings  # noqa: E402
 quiet_known_warnings()
 
 
-def make_samples(n: int, seq: int, prompt: int, seed: int = 0, lengths: list[int] | None = None):
+def make_samples(n: int, seq: int, prompt: int, seed: int = 0, lengths: list[int] | None = None,
+                 vocab: int = 151000):
     from megagym.trainer.advantages import assign_advantages
     from megagym.types import Sample
 
@@ -50,7 +52,7 @@ def make_samples(n: int, seq: int, prompt: int, seed: int = 0, lengths: list[int
     samples = []
     for i in range(n):
         seq_i = lengths[i] if lengths else seq
-        ids = torch.randint(0, 151000, (seq_i,), generator=g).tolist()
+        ids = torch.randint(0, vocab, (seq_i,), generator=g).tolist()
         mask = [0] * min(prompt, seq_i // 2) + [1] * (seq_i - min(prompt, seq_i // 2))
         gen = [-11.9 if m else 0.0 for m in mask]
         samples.append(Sample(token_ids=ids, loss_mask=mask, gen_logprobs=gen, reward=float(i % 2), group_index=i // 4))
@@ -150,7 +152,8 @@ def main(argv=None) -> int:
             from train_memory import skewed_lengths
 
             lengths = skewed_lengths(a.samples, seed=1)
-        samples = make_samples(a.samples, a.seq, a.prompt, lengths=lengths)
+        vocab = min(151000, json.loads((hf_dir / "config.json").read_text())["vocab_size"])
+        samples = make_samples(a.samples, a.seq, a.prompt, lengths=lengths, vocab=vocab)
         budget = a.budget if a.skewed else 0
         policy = megatron_policy(hf_dir, samples, a.lr, budget, pack=a.skewed)
         plain_step = plain_step_fn(hf_dir, samples, a.lr, budget=budget)

@@ -12,12 +12,13 @@ Must not: import torch or megatron, or start anything (the dry run is a plan, no
 Activations per token and layer are counted from what the layer's autograd graph keeps (Korthikanti
 et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", adapted to RMSNorm,
 SwiGLU, grouped-query attention and no dropout): the norm inputs and outputs, q/k/v and the
-rotated q/k, the attention output, the SwiGLU inputs and output; plus, for the local spec's
-unfused attention, the heads x row-length scores: the float32 softmax, the output of the
-attention dropout (Megatron calls it even at p = 0, and torch then still copies) and its byte
-mask — 9 bytes a score in fp32, which is why the local spec costs ~3x the formula on CPU;
-flash attention (the TE spec) keeps none of them. Full recomputation keeps each recomputed chunk's input and holds one chunk's
-activations during its backward. `bench/train_memory.py` checks the estimate against measured peaks.
+rotated q/k, the attention output, the SwiGLU inputs and output. That is what transformer-engine's
+fused layer keeps (flash attention keeps no scores). The local spec (CPU) runs the same layer as
+unfused torch ops, which keep more (`LOCAL_SPEC_KEEPS`, measured), and on padded rows its unfused
+attention also keeps the heads x row-length softmax probabilities; packed rows it attends sample
+by sample with a fused kernel (trainer/segment_attention.py), which keeps none. Full
+recomputation keeps each recomputed chunk's input and holds one chunk's activations during its
+backward. `bench/train_memory.py` checks the estimate against measured peaks.
 """
 
 from __future__ import annotations
@@ -98,19 +99,32 @@ def stage_params(a, tp: int, pp: int, stage: int, padded_vocab: int) -> float:
     return n
 
 
+# What the local spec keeps per token and layer beyond the fused formula, measured with
+# torch.autograd.graph.saved_tensors_hooks on the bench's models (8 and 24 layers of width 256, 4 of
+# width 512; padded and packed rows): its unfused torch ops keep more than the formula's tensors
+# (the SwiGLU keeps its fc1 output, the activation, the product and a copy: ~5 x ffn, not 3; the
+# norms their intermediates; the attention its head-expanded k and v): 1.7-1.8x the formula, plus
+# one float32 probability a score for padded rows.
+LOCAL_SPEC_KEEPS = 1.75
+
+
 def layer_activation_bytes(a, tokens: int, row_len: int, tp: int, sp: bool, dtype_bytes: int,
-                           flash: bool, attention_kept: bool = True) -> float:
-    """Bytes one transformer layer keeps for backward for `tokens` tokens in rows of `row_len`."""
+                           attn: str, attention_kept: bool = True) -> float:
+    """Bytes one transformer layer keeps for backward for `tokens` tokens in rows of `row_len`.
+
+    `attn`: "flash" (transformer-engine's fused layer), "local" (the local spec on padded rows:
+    unfused attention keeps its scores) or "local_packed" (the local spec on packed rows, attended
+    per sample by a fused kernel: no scores)."""
     h, d = a.hidden_size, a.head_dim
     seq_split = tp if sp else 1
     replicated = 4 * h / seq_split                  # two norm inputs, two norm outputs
     q, kv = a.num_heads * d / tp, a.num_kv_heads * d / tp
     split = (q + 2 * kv) + (q + kv) + q + 3 * a.intermediate_size / tp  # qkv, rotated q/k, attn out, SwiGLU
-    per_token = (replicated + split) * dtype_bytes
-    if flash:
+    per_token = (replicated + split) * dtype_bytes * (1 if attn == "flash" else LOCAL_SPEC_KEEPS)
+    if attn != "local":
         per_token += 2 * a.num_heads / tp * 4       # softmax statistics
-    elif attention_kept:  # unfused attention: float32 softmax, its dropout copy (p = 0 still copies) + mask
-        per_token += a.num_heads / tp * row_len * (4 + dtype_bytes + 1)
+    elif attention_kept:  # unfused attention: the softmax probabilities the second matmul needs
+        per_token += a.num_heads / tp * row_len * dtype_bytes
     return per_token * tokens
 
 
@@ -119,8 +133,8 @@ def estimate(arch, cfg, nproc: int = 1, device_bytes: float | None = None, kind:
     """The plan for the worst pipeline stage of `cfg` on `nproc` trainer ranks.
 
     `arch` is a megagym.models HFArch; `kind` "gpu" or "cpu" picks the runtime overhead;
-    `flash` whether attention keeps no scores (default: layer_spec "te", or "auto" on a GPU, where
-    transformer-engine is expected; the local spec's attention is unfused);
+    `flash` whether the layer is transformer-engine's fused one (default: layer_spec "te", or
+    "auto" on a GPU, where transformer-engine is expected) rather than the local spec's;
     `max_sample_tokens` the longest sample (default: the servers' max_model_len, else the model's
     context), which is the longest padded row."""
     from megagym.trainer.model import padded_vocab_size
@@ -131,6 +145,7 @@ def estimate(arch, cfg, nproc: int = 1, device_bytes: float | None = None, kind:
     dtype_bytes = 2 if cfg.model.dtype == "bfloat16" else 4
     if flash is None:
         flash = cfg.model.layer_spec == "te" or (cfg.model.layer_spec == "auto" and kind == "gpu")
+    attn = "flash" if flash else "local_packed" if opt.pack_sequences else "local"
     vocab = padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, tp)
     tokens = opt.micro_batch_tokens
     longest = max_sample_tokens or int(cfg.servers.settings.get("max_model_len") or arch.max_position_embeddings)
@@ -148,13 +163,13 @@ def estimate(arch, cfg, nproc: int = 1, device_bytes: float | None = None, kind:
                  params * (8 + (4 if dtype_bytes == 2 else 0)) / shard,
                  "set optim.distributed_optimizer: true and use more data-parallel ranks"),
         ]
-        one = layer_activation_bytes(arch, tokens, row_len, tp, par.sequence_parallel, dtype_bytes, flash)
-        act, knob = _activations(arch, par, layers, tokens, row_len, tp, dtype_bytes, flash, one)
+        one = layer_activation_bytes(arch, tokens, row_len, tp, par.sequence_parallel, dtype_bytes, attn)
+        act, knob = _activations(arch, par, layers, tokens, row_len, tp, dtype_bytes, attn, one)
         in_flight = min(pp - stage, pp) if pp > 1 else 1
         plan.terms.append(Term(f"activations ({par.recompute} recompute)", act, knob))
         if in_flight > 1:
             plan.terms.append(Term(f"pipeline: {in_flight - 1} more micro-batches in flight",
-                                   (in_flight - 1) * _kept(arch, par, layers, tokens, row_len, tp, dtype_bytes, flash),
+                                   (in_flight - 1) * _kept(arch, par, layers, tokens, row_len, tp, dtype_bytes, attn),
                                    "set parallel.recompute: full or lower optim.micro_batch_tokens"))
         if stage == pp - 1:
             chunk = opt.logprob_chunk_tokens or tokens
@@ -175,10 +190,10 @@ def estimate(arch, cfg, nproc: int = 1, device_bytes: float | None = None, kind:
     return max(plans, key=lambda p: p.total)
 
 
-def _kept(arch, par, layers, tokens, row_len, tp, dtype_bytes, flash) -> float:
+def _kept(arch, par, layers, tokens, row_len, tp, dtype_bytes, attn) -> float:
     """Bytes a micro-batch keeps between its forward and its backward (all layers of the stage)."""
     sp = par.sequence_parallel
-    full = layer_activation_bytes(arch, tokens, row_len, tp, sp, dtype_bytes, flash)
+    full = layer_activation_bytes(arch, tokens, row_len, tp, sp, dtype_bytes, attn)
     layer_input = tokens * arch.hidden_size / (tp if sp else 1) * dtype_bytes
     if par.recompute == "full":
         n = min(par.recompute_num_layers, layers)
@@ -186,14 +201,14 @@ def _kept(arch, par, layers, tokens, row_len, tp, dtype_bytes, flash) -> float:
             return math.ceil(layers / n) * layer_input
         return n * layer_input + (layers - n) * full
     if par.recompute == "selective":
-        return layers * layer_activation_bytes(arch, tokens, row_len, tp, sp, dtype_bytes, flash, False)
+        return layers * layer_activation_bytes(arch, tokens, row_len, tp, sp, dtype_bytes, attn, False)
     return layers * full
 
 
-def _activations(arch, par, layers, tokens, row_len, tp, dtype_bytes, flash, one_layer) -> tuple[float, str]:
+def _activations(arch, par, layers, tokens, row_len, tp, dtype_bytes, attn, one_layer) -> tuple[float, str]:
     """Kept activations plus the transient of the layer being computed (recomputed chunk, scores)."""
-    kept = _kept(arch, par, layers, tokens, row_len, tp, dtype_bytes, flash)
-    scores = 0.0 if flash else arch.num_heads / tp * row_len * tokens * 4 * 2  # scores + scaled copy
+    kept = _kept(arch, par, layers, tokens, row_len, tp, dtype_bytes, attn)
+    scores = arch.num_heads / tp * row_len * tokens * 4 * 2 if attn == "local" else 0.0  # scores + scaled copy
     if par.recompute == "full":
         n = min(par.recompute_num_layers, layers) if par.recompute_method == "uniform" else 1
         return kept + n * one_layer + scores, "lower optim.micro_batch_tokens or raise parallel.tensor_parallel"

@@ -76,7 +76,7 @@ class OptimConfig:
     micro_batch_tokens   token budget of one micro-batch (rows x padded length; with packing the
                          sum of the packed samples' lengths). A sample longer than it is an error.
     pack_sequences       several samples per row (first-fit decreasing into bins of micro_batch_tokens,
-                         block-diagonal causal attention, per-sample positions) instead of one
+                         each sample attending only to itself, per-sample positions) instead of one
                          right-padded sample per row
     logprob_chunk_tokens logits, logprobs and entropy formed this many tokens at a time (the full
                          tokens x vocab logits never exist; the backward recomputes each chunk's logits);

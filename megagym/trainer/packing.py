@@ -3,10 +3,10 @@
 Owns: filling micro-batches with whole samples by first-fit decreasing up to the token budget,
 the packed row (tokens back to back, position ids restarting at 0 for every sample), and how the
 attention is told where samples begin, in one of two layouts:
-  - "mask" (local layer spec, CPU): a block-diagonal causal boolean mask [1, 1, s, s] (True =
-    masked) and rotary embeddings taken at the per-sample position ids, so that every sample sees
-    exactly the positions 0..n-1 it would see alone (Megatron's local spec otherwise rotates by the
-    row index);
+  - "segments" (local layer spec, CPU): the samples' boundaries in a `PackedSeqParams` with
+    qkv_format "sbhd", which `segment_attention.SegmentAttention` attends sample by sample, and
+    rotary embeddings taken at the per-sample position ids, so that every sample sees exactly the
+    positions 0..n-1 it would see alone (Megatron's local spec otherwise rotates by the row index);
   - "thd" (transformer-engine spec, GPU): Megatron's `PackedSeqParams(qkv_format="thd")` with the
     cumulative sample lengths; TE's attention and Megatron's RoPE restart per sample themselves.
     Written against megatron-core's API; it has not run here (no transformer-engine on CPU).
@@ -46,37 +46,27 @@ def pack_bins(ids: list[int], lengths: list[int], budget: int) -> list[list[int]
     return bins
 
 
-def block_causal_mask(seq_lens: list[int], total: int, device=None) -> torch.Tensor:
-    """[1, 1, total, total] bool, True where attention is masked: causal within each sample only.
-
-    Positions past sum(seq_lens) (row padding) form one more segment of their own."""
-    seg = torch.repeat_interleave(torch.arange(len(seq_lens) + 1),
-                                  torch.tensor(list(seq_lens) + [total - sum(seq_lens)]))
-    seg = seg.to(device)
-    idx = torch.arange(total, device=device)
-    allowed = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])
-    return (~allowed)[None, None]
-
-
-def thd_params(seq_lens: list[int], total: int, device):
-    """Megatron's PackedSeqParams for one packed row (row padding, if any, is one more sequence)."""
+def packed_params(seq_lens: list[int], total: int, layout: str, device=None):
+    """Megatron's PackedSeqParams for one packed row of `total` tokens (row padding, if any, is one
+    more sequence). "thd": TE's attention and Megatron's RoPE read the row as THD. "segments": the
+    local spec's `SegmentAttention` reads the boundaries, the tensors stay [s, b=1, ...] (sbhd) and
+    max_seqlen is the row's length, so that Megatron sizes the rotary table for the whole row."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
     lens = list(seq_lens) + ([total - sum(seq_lens)] if total > sum(seq_lens) else [])
     cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.int32), 0)
     cu = cu.to(device)
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                           max_seqlen_q=max(lens), max_seqlen_kv=max(lens))
+    longest = max(lens) if layout == "thd" else total
+    return PackedSeqParams(qkv_format="thd" if layout == "thd" else "sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
 
 
 def attention_kwargs(seq_lens: list[int] | None, total: int, layout: str, device) -> dict:
     """Model-forward kwargs for a packed row (`seq_lens`), or {} for a padded micro-batch."""
     if seq_lens is None:
         return {}
-    if layout == "thd":
-        return {"packed_seq_params": thd_params(seq_lens, total, device)}
-    return {"attention_mask": block_causal_mask(seq_lens, total, device)}
+    return {"packed_seq_params": packed_params(seq_lens, total, layout, device)}
 
 
 def rope_at_position_ids(gpt) -> None:

@@ -86,7 +86,7 @@ class Policy:
         load_hf_into_model(gpt, cfg.model.hf_path, arch, padded)
         defer_output_layer(gpt)  # logits are formed in chunks by the logprob function
         layout = packed_layout(cfg)
-        if layout == "mask":
+        if layout == "segments":
             rope_at_position_ids(gpt)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
@@ -100,7 +100,7 @@ class Policy:
                                         sequence_parallel=cfg.parallel.sequence_parallel)
             load_hf_into_model(ref_model, cfg.model.hf_path, arch, padded)
             defer_output_layer(ref_model)
-            if layout == "mask":
+            if layout == "segments":
                 rope_at_position_ids(ref_model)
             ref_model.requires_grad_(False)
             ref_model.eval()
@@ -238,10 +238,10 @@ class Policy:
 
 
 def packed_layout(cfg) -> Optional[str]:
-    """How packed rows reach the attention: "thd" with transformer-engine, "mask" with the local spec."""
+    """How packed rows reach the attention: "thd" with transformer-engine, "segments" with the local spec."""
     if not cfg.optim.pack_sequences:
         return None
-    return "thd" if uses_te(cfg.model.layer_spec) else "mask"
+    return "thd" if uses_te(cfg.model.layer_spec) else "segments"
 
 
 def build_optimizer(optim, model, dtype):

@@ -120,12 +120,12 @@ def empty_micro_batch(extra_names: list[str]) -> MicroBatch:
 
 def run_schedule(model, micro_batches: list[MicroBatch],
                  on_logits: Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, torch.Tensor]],
-                 forward_only: bool, packed_layout: str = "mask") -> None:
+                 forward_only: bool, packed_layout: str = "segments") -> None:
     """Run Megatron's schedule; `on_logits(hidden [b, L, h], mb) -> (loss_sum, num_tokens)` on the last stage.
 
     The model's output layer is deferred (`head.defer_output_layer`): the last stage hands out the
     final hidden states and `on_logits` forms the logits (chunked) with `head.output_weight`.
-    `packed_layout` ("mask" / "thd", see `packing.py`) says how packed rows reach the attention."""
+    `packed_layout` ("segments" / "thd", see `packing.py`) says how packed rows reach the attention."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megagym.trainer.packing import attention_kwargs
@@ -136,7 +136,7 @@ def run_schedule(model, micro_batches: list[MicroBatch],
     def forward_step(data_iterator, chunk):
         mb = next(data_iterator)
         attn = attention_kwargs(mb.seq_lens, mb.tokens.shape[1], packed_layout, device)
-        out = chunk(mb.tokens.to(device), mb.position_ids.to(device), attn.pop("attention_mask", None), **attn)
+        out = chunk(mb.tokens.to(device), mb.position_ids.to(device), None, **attn)
 
         def loss_func(logits):
             loss_sum, ntok = on_logits(logits, mb)

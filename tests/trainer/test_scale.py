@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from megagym.trainer.packing import block_causal_mask, pack_bins
+from megagym.trainer.packing import pack_bins, packed_params
 from megagym.trainer.step import build_micro_batch, plan_micro_batches
 
 from ._common import read_json, torchrun
@@ -62,7 +62,7 @@ def test_budget_smaller_than_a_sample_is_an_error(packed):
         plan([0, 1], [5, 30], 16)
 
 
-def test_packed_row_positions_mask_and_spans():
+def test_packed_row_positions_segments_and_spans():
     seqs = [[1, 2, 3, 4], [5, 6, 7], [8]]
     mb = build_micro_batch([0, 1, 2], seqs, [[0, 1, 1, 1], [0, 1, 1], [1]], {"gen": [[0.0, 1, 2, 3], [0.0, 4, 5], [0.0]]},
                            {"adv": [1.0, 2.0, 3.0]}, packed=True, seq_multiple=4)
@@ -73,6 +73,7 @@ def test_packed_row_positions_mask_and_spans():
     assert mb.extras["gen"].tolist() == [[1, 2, 3, 4, 5, 0, 0, 0]]
     assert mb.extras["adv"].tolist() == [[1, 1, 1, 2, 2, 0, 0, 0]]
     assert list(mb.spans()) == [(0, 0, 0, 3), (1, 0, 3, 2), (2, 0, 5, 1)]
-    allowed = ~block_causal_mask(mb.seq_lens, 8)[0, 0]
-    assert allowed[4].tolist() == [False, False, False, True, True, False, False, False]
-    assert allowed[2].tolist() == [True, True, True, False, False, False, False, False]
+    segments = packed_params(mb.seq_lens, 8, "segments")  # row padding is one more segment
+    assert (segments.qkv_format, segments.cu_seqlens_q.tolist(), segments.max_seqlen_q) == ("sbhd", [0, 3, 5, 6, 8], 8)
+    thd = packed_params(mb.seq_lens, 8, "thd")
+    assert (thd.qkv_format, thd.cu_seqlens_kv.tolist(), thd.max_seqlen_kv) == ("thd", [0, 3, 5, 6, 8], 3)

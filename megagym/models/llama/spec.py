@@ -9,6 +9,7 @@ Must not: build the model, load weights or hold parallel state (trainer/model.py
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -63,9 +64,15 @@ def transformer_config(arch: HFArch, tp: int, pp: int, dtype: torch.dtype, **ext
 
 
 def layer_spec(arch: HFArch, use_te: bool):
-    """Transformer-engine's layer spec (GPU) or Megatron's local one (CPU)."""
+    """Transformer-engine's layer spec (GPU) or Megatron's local one (CPU), whose core attention is
+    megagym's `SegmentAttention` (Megatron's, plus packed rows attended sample by sample)."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    from megagym.trainer.segment_attention import SegmentAttention
 
     if use_te:
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
-    return specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+    spec = specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+    attn = spec.submodules.self_attention
+    attn = dataclasses.replace(attn, submodules=dataclasses.replace(attn.submodules, core_attention=SegmentAttention))
+    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=attn))
