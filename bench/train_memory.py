@@ -6,7 +6,9 @@ activation recomputation's saving, and packed vs padded throughput on a length-s
    (VmHWM, reset through /proc/self/clear_refs just before the step, so model loading does not
    count) and the loss of each. The bar: full <= 0.4x none, same loss.
 2. Estimator: `megagym.launch.memory_plan.estimate(kind="cpu")` for each measured config against
-   its measured peak (bar: within +-25%); its constants were fitted on model A8 only.
+   its measured peak (bar: within +-25%). Its CPU runtime constant was fitted on model A8's peaks;
+   `LOCAL_SPEC_KEEPS` was counted with autograd's saved-tensor hooks (bytes kept, not peaks) on
+   A8, A24 and B. No other model's peak set a constant.
 3. Packing: the same length-skewed batch (lengths log-uniform in [32, 1024]) through
    `Policy.train_step` in three layouts, steps interleaved in one process so all see the same
    machine load; tokens/s counts real tokens. Packed (`optim.pack_sequences`: first-fit
@@ -48,10 +50,9 @@ MODELS = {  # write_tiny_qwen3 overrides
               num_key_value_heads=4, head_dim=64, vocab_size=49152, tie_word_embeddings=False),
 }
 BUDGET = 2048
-# (model, parallel overrides, optim overrides, rows x row length). The estimator's constants (the
-# CPU runtime, the unfused attention's bytes per score) were fitted on A8 only; A24 (3x deeper)
-# and B (another width, untied, whole-micro-batch logits) were not used for tuning, nor the packed
-# run (two samples in one row, attended sample by sample: no scores kept).
+# (model, parallel overrides, optim overrides, rows x row length). A24 (3x deeper), B (another
+# width, untied, whole-micro-batch logits) and the packed run (two samples in one row, attended
+# sample by sample: no scores kept) check the plan on peaks no constant was fitted to.
 MEMORY_RUNS = [
     ("A8", {"recompute": "none"}, {"logprob_chunk_tokens": 512}, (2, 1024)),
     ("A8", {"recompute": "full"}, {"logprob_chunk_tokens": 512}, (2, 1024)),
