@@ -8,7 +8,7 @@ activation recomputation's saving, and packed vs padded throughput on a length-s
 2. Estimator: `megagym.launch.memory_plan.estimate(kind="cpu")` for each measured config against
    its measured peak (bar: within +-25%). Its CPU runtime constant was fitted on model A8's peaks;
    `LOCAL_SPEC_KEEPS` was counted with autograd's saved-tensor hooks (bytes kept, not peaks) on
-   A8, A24 and B. No other model's peak set a constant.
+   A8, A24 and B (`--part kept` prints that count for A24 - A8). No other model's peak set a constant.
 3. Packing: the same length-skewed batch (lengths log-uniform in [32, 1024]) through
    `Policy.train_step` in three layouts, steps interleaved in one process so all see the same
    machine load; tokens/s counts real tokens. Packed (`optim.pack_sequences`: first-fit
@@ -21,8 +21,8 @@ Models are small random Qwen3s written to a temp dir (MODELS: 8 and 24 layers of
 an 8k vocabulary, 4 layers of width 512 with a 49k vocabulary; 4-60M parameters), fp32,
 micro-batches of 2,048 tokens: every child stays under ~4 GiB.
 
-    .venv/bin/python bench/train_memory.py                  # all three parts, ~6 min on 2 cores
-    .venv/bin/python bench/train_memory.py --part memory    # or: packing
+    .venv/bin/python bench/train_memory.py                  # all four parts, ~7 min on 2 cores
+    .venv/bin/python bench/train_memory.py --part memory    # or: packing, kept
 """
 
 from __future__ import annotations
@@ -124,6 +124,27 @@ def child_memory(spec: dict) -> dict:
     return {"peak": _vm("VmHWM"), "before": before, "loss": m["loss"]}
 
 
+def child_kept(spec: dict) -> dict:
+    """Bytes autograd keeps for backward in one train step (each storage once), no RSS involved."""
+    import torch
+
+    from megagym.trainer.policy import Policy
+
+    torch.set_num_threads(2)
+    policy = Policy.build(build_cfg(spec["hf"], {"recompute": "none"},
+                                    {"logprob_chunk_tokens": 512, "pack_sequences": spec["packed"]}))
+    kept: dict[int, int] = {}
+
+    def keep(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    rows, length = spec["shape"]
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        policy.train_step(make_samples([length + 1] * rows))
+    return {"kept": sum(kept.values())}
+
+
 def fixed_rows_plan(ids: list[int], lengths: list[int], budget: int) -> list[list[int]]:
     """Baseline only: a fixed number of samples per micro-batch (as many of the batch's longest as
     the budget holds), in the batch's own order, each row padded to its micro-batch's longest: the
@@ -205,6 +226,26 @@ def part_memory(dirs: dict) -> None:
           f"loss difference {abs(full['loss'] - none['loss']):.2e}")
 
 
+def part_kept(dirs: dict) -> None:
+    """Where LOCAL_SPEC_KEEPS comes from: per token and layer, what the local spec keeps against the
+    fused formula (weights and head excluded by differencing two depths: A24 - A8, same width)."""
+    from megagym.launch.memory_plan import LOCAL_SPEC_KEEPS, layer_activation_bytes
+    from megagym.models import read_arch
+
+    arch = read_arch(dirs["A8"])
+    tokens = 2048
+    formula = layer_activation_bytes(arch, tokens, 1024, 1, False, 4, "flash", False) / tokens
+    print(f"bytes kept for backward per token and layer (A24 - A8, 16 layers x {tokens} tokens, width 256); "
+          f"fused formula {formula:.0f} B; LOCAL_SPEC_KEEPS = {LOCAL_SPEC_KEEPS}")
+    print(f"{'rows':22s}{'kept B':>10s}{'/ formula':>11s}")
+    for packed in (True, False):
+        spec = {"packed": packed, "shape": (2, 1024)}
+        kept = {m: run_child("kept", {"hf": str(dirs[m]), **spec})["kept"] for m in ("A8", "A24")}
+        per = (kept["A24"] - kept["A8"]) / (16 * tokens)
+        label = "packed (no scores)" if packed else "padded 2 x 1024"
+        print(f"{label:22s}{per:10.0f}{per / formula:11.2f}")
+
+
 def part_packing(dirs: dict, n: int, steps: int) -> None:
     r = run_child("packing", {"hf": str(dirs[PACKING_MODEL]), "n": n, "steps": steps})
     tok = r["tokens"]
@@ -221,14 +262,14 @@ def part_packing(dirs: dict, n: int, steps: int) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=["all", "memory", "packing"], default="all")
+    p.add_argument("--part", choices=["all", "memory", "packing", "kept"], default="all")
     p.add_argument("--samples", type=int, default=24, help="packing: samples in the skewed batch")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     _quiet()
     if a.child:
-        fn = {"memory": child_memory, "packing": child_packing}[a.child[0]]
+        fn = {"memory": child_memory, "packing": child_packing, "kept": child_kept}[a.child[0]]
         print(json.dumps(fn(json.loads(a.child[1]))))
         return 0
     from megagym.testing.tiny_qwen3 import write_tiny_qwen3
@@ -237,6 +278,8 @@ def main(argv=None) -> int:
         dirs = {k: write_tiny_qwen3(Path(tmp) / k, seed=0, **v) for k, v in MODELS.items()}
         if a.part in ("all", "memory"):
             part_memory(dirs)
+        if a.part in ("all", "kept"):
+            part_kept(dirs)
         if a.part in ("all", "packing"):
             part_packing(dirs, a.samples, a.steps)
     return 0

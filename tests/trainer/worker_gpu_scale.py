@@ -1,7 +1,8 @@
 """torchrun worker (1 GPU): the benchmark-scale options in bf16 on CUDA against the plain step.
 
 Packed rows use THD `PackedSeqParams` when transformer-engine is installed (the TE spec), the
-sample-by-sample attention of the local spec otherwise (`segment_attention.py`); recomputation and chunked logprobs as on CPU. argv: HF_DIR OUT_JSON.
+local spec's sample-by-sample attention otherwise (`segment_attention.py`); recomputation and
+chunked logprobs as on CPU. argv: HF_DIR OUT_JSON.
 """
 
 import json
