@@ -2,8 +2,8 @@
 
 The embedded default (configs/tiny_cpu.yaml, started as the README does: `bash launch/local.sh`)
 must lift validation reward by a clear margin; two TP ranks must sync resharded weights exactly;
-a killed Gym server must be restarted with its batch redone; and a trainer killed mid-run must
-resume from its last checkpoint with no prompt lost or used twice.
+a killed Gym server must be restarted with its batch redone, and a trainer killed mid-run must
+resume from its last checkpoint with no prompt lost or used twice (one-step-off and async modes).
 """
 
 from __future__ import annotations
@@ -116,71 +116,55 @@ def _resources_server_pids(run: Path) -> list[int]:
     return found
 
 
-def test_dead_gym_server_is_restarted_and_its_batch_redone(tmp_path):
-    """SIGKILL the resources server after step 1: the loop restarts Gym, redoes that batch with the
-    same prompts, and the run ends with every step trained on the seeded cursor's rows."""
-    small = _small(3, "checkpoint.every_steps=0", "rollout.max_retries=1")
+def test_one_step_off_survives_a_dead_gym_server_and_a_killed_trainer(tmp_path):
+    """One-step-off mode. The resources server is SIGKILLed once step 1 is logged: the prefetch of
+    batch 3 (started as step 2 began) fails, so step 3 restarts Gym and redoes that batch with the
+    same prompts. The trainer is then SIGKILLed after its step-3 checkpoint and resumed to step 5:
+    every step trained on the seeded cursor's rows, none lost, none repeated."""
+    small = _small(5, "checkpoint.every_steps=3", "train.mode=one_step_off", "rollout.max_retries=1")
     run = tmp_path / "run"
     run.mkdir()
     proc = _train(run, *small)
-    deadline = time.time() + 900
-    while time.time() < deadline and proc.poll() is None and not (
-            (run / "metrics.jsonl").exists() and '"step": 1' in (run / "metrics.jsonl").read_text()):
-        time.sleep(0.5)
-    assert proc.poll() is None, (tmp_path / "run.log").read_text()[-4000:]
-    victims = _resources_server_pids(run)
-    assert victims, "no lowercase_words server process found"
-    for pid in victims:
-        os.kill(pid, signal.SIGKILL)
-    assert proc.wait(timeout=900) == 0, (tmp_path / "run.log").read_text()[-4000:]
-    log = (tmp_path / "run.log").read_text()
-    assert "restarting Gym (1/2)" in log, log[-4000:]
-    recs = read_metrics(run)
-    steps = [r for r in recs if "train/loss" in r]
-    assert [r["step"] for r in steps] == [1, 2, 3]
-    assert steps[-1]["gym/restarts"] == 1
-    trained = [json.loads(line) for line in (run / "batches.jsonl").read_text().splitlines()]
-    # the redone batch used the prompts the dead one had taken, nothing skipped
-    assert {b["step"]: b["rows"] for b in trained} == _seeded_rows(small, 3)
-    assert [b["step"] for b in trained] == [1, 2, 3]
-    # sync mode: step t's samples come from the weights of step t-1 (version = the step that made them)
-    assert {b["step"]: b["weight_versions"] for b in trained} == {1: [0], 2: [1], 3: [2]}
-    assert not _leftovers(run)
+    try:
+        _wait_for(run / "metrics.jsonl", '"step": 1', proc, 900)
+        victims = _resources_server_pids(run)
+        assert victims, "no lowercase_words server process found"
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        ckpt = run / "checkpoints" / "step_00000003"
+        deadline = time.time() + 900
+        while time.time() < deadline and not (ckpt / "trainer_state.json").exists() and proc.poll() is None:
+            time.sleep(0.5)
+        assert proc.poll() is None, (tmp_path / "run.log").read_text()[-4000:]
+        assert "restarting Gym (1/2)" in (tmp_path / "run.log").read_text()
+        restarted = [r for r in read_metrics(run) if "train/loss" in r and r["step"] == 3]
+        assert restarted and restarted[0]["gym/restarts"] == 1, restarted
+        trainer = subprocess.run(["pgrep", "-f", f"megagym.train --worker.*{run}"], capture_output=True, text=True)
+        pids = [int(p) for p in trainer.stdout.split()]
+        assert pids, "no trainer process found"
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)  # a crash, not a polite stop
+        assert proc.wait(timeout=300) != 0
+        assert not _leftovers(run), _leftovers(run)
 
-
-def test_killed_trainer_resumes_without_losing_or_repeating_prompts(tmp_path):
-    """One-step-off mode, killed (SIGKILL) after its step-2 checkpoint, resumed to step 4."""
-    small = _small(4, "checkpoint.every_steps=2", "train.mode=one_step_off")
-    run = tmp_path / "run"
-    run.mkdir()
-    proc = _train(run, *small)
-    ckpt = run / "checkpoints" / "step_00000002"
-    deadline = time.time() + 1200
-    while time.time() < deadline and not (ckpt / "trainer_state.json").exists() and proc.poll() is None:
-        time.sleep(1)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
-    trainer = subprocess.run(["pgrep", "-f", f"megagym.train --worker.*{run}"], capture_output=True, text=True)
-    pids = [int(p) for p in trainer.stdout.split()]
-    assert pids, "no trainer process found"
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)  # a crash, not a polite stop
-    assert proc.wait(timeout=300) != 0
-    assert not _leftovers(run), _leftovers(run)
-
-    assert _train(run, *small, resume=True).wait(timeout=1500) == 0, (tmp_path / "run.log").read_text()[-4000:]
+        proc = _train(run, *small, resume=True)
+        assert proc.wait(timeout=1500) == 0, (tmp_path / "run.log").read_text()[-4000:]
+    finally:
+        _stop(proc)
     rows, versions = {}, {}
     for line in (run / "batches.jsonl").read_text().splitlines():
         rec = json.loads(line)
         rows[rec["step"]] = rec["rows"]  # a step repeated after the crash keeps its last record
         versions[rec["step"]] = rec["weight_versions"]
-    assert rows == _seeded_rows(small, 4)  # none lost, none repeated
-    # one step off: step 2 was generated while step 1 trained (version 0); after the resume (servers
-    # sent version 2) step 3 is generated at once and step 4 while step 3 trains, both by version 2
-    assert versions == {1: [0], 2: [0], 3: [2], 4: [2]}
+    assert rows == _seeded_rows(small, 5)  # the redone batch took the dead one's prompts; none lost or repeated
+    # one step off: step 2 was generated while step 1 trained (version 0); step 3 was redone at once
+    # after step 2's sync (version 2); after the resume (servers sent version 3) step 4 is generated
+    # at once and step 5 while step 4 trains, both by version 3
+    assert versions == {1: [0], 2: [0], 3: [2], 4: [3], 5: [3]}
     recs = [r for r in read_metrics(run) if "train/loss" in r]
-    assert [r["step"] for r in recs][-2:] == [3, 4]
-    # one step off: steps after the first train on samples of the previous weights
-    assert max(r["train/gen_abs_diff"] for r in recs if r["step"] > 1) > 1e-4
+    assert [r["step"] for r in recs][-2:] == [4, 5]
+    # one step off: steps 2 and 5 train on samples of the previous weights
+    assert max(r["train/gen_abs_diff"] for r in recs if r["step"] in (2, 5)) > 1e-4
     assert not _leftovers(run)
 
 
