@@ -155,20 +155,26 @@ def test_keep_mode_sync_switches_versions_exactly_mid_generation(sync_server, ck
     with make_sender("shm", [dead, url], bucket_bytes=8 << 20, pause_mode="keep", timeout_s=120) as sender:
         sender.init()
         assert sender.urls == [url] and sender.lost == [dead]
-        for attempt in range(4):
+        for attempt in range(6):
             out: dict = {}
             t = threading.Thread(target=lambda: out.update(_chat(url, n_tokens, seed=attempt)))
             t.start()
             deadline = time.monotonic() + 60
-            while httpx.get(f"{url}/health").json()["requests_in_flight"] < 1:
-                assert time.monotonic() < deadline and t.is_alive(), "the generation never got in flight"
+            while t.is_alive() and httpx.get(f"{url}/health").json()["requests_in_flight"] < 1:
+                assert time.monotonic() < deadline, "the generation never got in flight"
                 time.sleep(0.01)
+            if not t.is_alive():
+                # On 2 cores the engine can starve the server's event loop until the whole answer
+                # is done (a full-suite run saw a 600-token answer end between two polls): try a longer one.
+                assert out, "the generation request failed"
+                n_tokens = min(2 * n_tokens, 1800)
+                continue
             time.sleep(delay)
             target = "B" if current == "A" else "A"
             stats = sender.send(weights[target].items(), weight_version=version + 1)
             t.join(300)
             assert stats.weight_version == version + 1
-            if attempt == 0:
+            if version == 0:
                 assert stats.lost_servers == [dead]  # lost at init, reported by the first sync
             old, new, version, current = current, target, version + 1, target
             msg = out["choices"][0]["message"]
@@ -200,7 +206,7 @@ def test_keep_mode_sync_switches_versions_exactly_mid_generation(sync_server, ck
             if which == "new":
                 delay *= 3
             else:
-                n_tokens, delay = n_tokens * 2, delay / 2
+                n_tokens, delay = min(2 * n_tokens, 1800), delay / 2
         else:
             pytest.fail("no attempt put the weight update in the middle of a generation")
         assert httpx.get(f"{url}/weights/info").json()["weight_version"] == version
