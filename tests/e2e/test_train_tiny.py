@@ -191,9 +191,10 @@ def _stop(proc) -> None:
 
 
 def _wait_for(path: Path, text: str, proc, timeout_s: float) -> None:
+    """Poll every 0.1 s: a kill that must land inside a batch's rollouts (about a second) follows it."""
     deadline = time.time() + timeout_s
     while time.time() < deadline and proc.poll() is None and not (path.exists() and text in path.read_text()):
-        time.sleep(0.5)
+        time.sleep(0.1)
     assert proc.poll() is None, f"the run ended while waiting for {text!r} in {path.name}"
     assert text in path.read_text(), f"{text!r} never appeared in {path}"
 
