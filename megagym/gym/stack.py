@@ -49,6 +49,10 @@ class ServerInstance:
 
 # ---------------------------------------------------------------------------------- the stack
 
+class HeadPortTaken(GymError):
+    """Gym's head server could not bind its port: something else took it first."""
+
+
 class GymStack:
     """One running Gym (`gym env start` + its servers + Ray), started and owned by this process.
 
@@ -76,15 +80,20 @@ class GymStack:
         resolve_environments(cfg)  # an unknown environment fails before anything else
         urls = list(policy_base_urls if policy_base_urls is not None else cfg.policy_base_urls)
         name = policy_model_name or cfg.policy_model_name or (model_name_of(urls[0], api_key=cfg.policy_api_key) if urls else "")
-        plan = compose(cfg, urls, name, run_dir)
-        stack = cls(plan, cfg.start_timeout_s, cfg.stop_timeout_s)
-        stack.launch()
-        try:
-            stack.wait_ready()
-        except BaseException:
-            stack.stop()
-            raise
-        return stack
+        attempts = 1 if cfg.head_port else 2  # a port megagym picked may be retried; the user's may not
+        for attempt in range(1, attempts + 1):
+            stack = cls(compose(cfg, urls, name, run_dir), cfg.start_timeout_s, cfg.stop_timeout_s)
+            stack.launch()
+            try:
+                stack.wait_ready()
+                return stack
+            except HeadPortTaken:
+                stack.stop()
+                if attempt == attempts:
+                    raise
+            except BaseException:
+                stack.stop()
+                raise
 
     def launch(self) -> None:
         plan = self.plan
@@ -93,6 +102,7 @@ class GymStack:
         env.pop("RAY_ADDRESS", None)  # never join someone else's Ray cluster
         env.update(plan.env)
         self._log = open(plan.log_file, "ab")
+        self._log_start = self._log.tell()  # the log may hold earlier launches' lines (a restart appends)
         self._t0 = time.monotonic()
         self.proc = subprocess.Popen(
             plan.argv, cwd=plan.cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
@@ -127,6 +137,10 @@ class GymStack:
                     raise GymError(
                         f"`gym env start` exited with code {self.proc.returncode} before it was ready "
                         f"(log {self.plan.log_file}):\n{self.log_tail()}")
+                if not head_seen and self._head_bind_failed():
+                    raise HeadPortTaken(
+                        f"the Gym head server could not bind {urlparse(head).netloc}: address already in use "
+                        f"(env.head_port; 0 picks a free one) (log {self.plan.log_file}):\n{self.log_tail()}")
                 try:
                     r = client.get(f"{head}/readyz")
                     head_seen = True
@@ -139,6 +153,18 @@ class GymStack:
                 time.sleep(0.5)
             self.startup_s = time.monotonic() - self._t0
             self.discover(client)
+
+    def _head_bind_failed(self) -> bool:
+        """Gym runs its head server in a thread of `gym env start`; when uvicorn cannot bind the
+        port the thread ends, logs it, and Gym waits for the head forever: read it from the log."""
+        port = urlparse(self.plan.head_url).port
+        try:
+            with open(self.plan.log_file, "rb") as f:
+                f.seek(self._log_start)
+                text = f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return False
+        return any("address already in use" in line and f", {port})" in line for line in text.splitlines())
 
     def _not_ready_message(self, client: httpx.Client, head_seen: bool) -> str:
         t = f"{self.start_timeout_s:g}s (env.start_timeout_s)"

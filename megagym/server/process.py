@@ -15,6 +15,7 @@ overrides, as `ServerConfig.kv_cache_gib`); import vLLM. Several servers for a r
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -27,11 +28,38 @@ from pathlib import Path
 from megagym.server.cli import API_KEY_ENV
 
 
+QUIET_PORTS_LOW = 20001  # above Gym's own server range (env.port_range_low..high: 10001-20000)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now at `host` (the caller must still handle losing a race)."""
+    """A port nothing listens on right now at `host` (the caller must still handle losing a race).
+
+    Drawn at random below the kernel's ephemeral range (`ip_local_port_range`), not with bind(0):
+    bind(0) hands out an ephemeral port, the same pool every outgoing connection draws its source
+    port from, so a server that binds late (Gym's head server binds after Ray has started and
+    opened its connections) can find its port taken (seen in CI). Falls back to bind(0) where
+    that range leaves no room.
+    """
+    low, high = QUIET_PORTS_LOW, _ephemeral_low() - 1
+    draw = random.SystemRandom()
+    for _ in range(64 if high - low >= 1000 else 0):
+        port = draw.randint(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; macOS's range starts at 49152
 
 
 def serve_argv(model_path: str, host: str, port: int, overrides: list[str]) -> tuple[list[str], dict]:

@@ -192,6 +192,44 @@ def test_start_timeout_names_what_is_missing_and_cleans_up(policy, tmp_path):
     assert left == [] and marker_pids(plan.run_id) == []
 
 
+def test_head_port_taken_before_gym_binds_it(policy, tmp_path, monkeypatch):
+    """Gym binds its head server only after Ray has started, so a port megagym picked can be gone
+    by then (seen in CI: Gym then waited for its dead head server until the 180 s timeout). A port
+    megagym picked is retried on a new one; a port the user chose fails at once, naming it."""
+    import socket
+
+    from megagym.gym import compose as compose_module
+    from megagym.gym.config import GymConfig
+    from megagym.gym.stack import HeadPortTaken
+
+    url, model = policy
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        handed = iter([taken])  # the first port compose draws is already in use
+        launched, launch = [], GymStack.launch
+        monkeypatch.setattr(GymStack, "launch", lambda self: (launch(self), launched.append(self.plan.run_id)))
+        monkeypatch.setattr(compose_module, "free_port", lambda host: next(handed, None) or free_port(host))
+        t0 = time.monotonic()
+        stack = GymStack.start(GymConfig(environments=["lowercase_words"], start_timeout_s=300), [url], model,
+                               run_dir=tmp_path / "picked")
+        try:
+            assert stack.head_url != f"http://127.0.0.1:{taken}"
+            assert "address already in use" in (tmp_path / "picked" / "gym.log").read_text()
+            assert httpx.get(f"{stack.head_url}/readyz", timeout=5).status_code == 200
+        finally:
+            assert stack.stop() == []
+        retried_s = time.monotonic() - t0
+
+        fixed = GymConfig(environments=["lowercase_words"], start_timeout_s=300, head_port=taken)
+        t0 = time.monotonic()
+        with pytest.raises(HeadPortTaken, match=f"could not bind 127.0.0.1:{taken}: address already in use"):
+            GymStack.start(fixed, [url], model, run_dir=tmp_path / "fixed")
+        assert time.monotonic() - t0 < min(retried_s, 300), "the taken port was not noticed before the timeout"
+    assert len(launched) == 3 and all(marker_pids(run_id) == [] for run_id in launched), "processes are left"
+
+
 def test_sigterm_to_the_owner_stops_the_whole_stack(policy, tmp_path):
     """The process that started Gym gets SIGTERM while Gym (and Ray) start: nothing may be left."""
     import json
