@@ -179,13 +179,13 @@ def test_keep_mode_sync_switches_versions_exactly_mid_generation(sync_server, ck
             old, new, version, current = current, target, version + 1, target
             msg = out["choices"][0]["message"]
             gen, lps, bounds = msg["generation_token_ids"], msg["generation_log_probs"], msg["generation_weight_versions"]
-            assert out["weight_version"] == version
             ids = msg["prompt_token_ids"] + gen
             ref = {"old": _reference(ckpts[old], ids, len(gen)), "new": _reference(ckpts[new], ids, len(gen))}
             # The ledger has the same boundaries under the call's key.
             assert _take(url, [generation_key(msg["prompt_token_ids"], gen)]).json()["versions"] == [bounds]
             if len(bounds) == 2 and bounds[0] == [0, version - 1] and bounds[1][1] == version and bounds[1][0] > 0:
                 k = bounds[1][0]
+                assert out["weight_version"] == version
                 print(f"attempt {attempt}: {len(gen)} tokens, switch at {k}")
                 before = max(abs(a - b) for a, b in zip(lps[:k], ref["old"][:k]))
                 after = max(abs(a - b) for a, b in zip(lps[k:], ref["new"][k:]))
@@ -203,6 +203,9 @@ def test_keep_mode_sync_switches_versions_exactly_mid_generation(sync_server, ck
             which = "new" if bounds[0][1] == version else "old"
             assert bounds[0] == [0, version if which == "new" else version - 1]
             assert max(abs(a - b) for a, b in zip(lps, ref[which])) < TOL
+            # the response's version is the server's when it answered: the sync's, or (an answer
+            # finished before the sync) the one before it
+            assert out["weight_version"] in (bounds[0][1], version)
             if which == "new":
                 delay *= 3
             else:
