@@ -4,8 +4,8 @@ model name Gym must send (`model_name.py`) and `megagym gym start|stop` (`cli.py
 
 megagym never imports nemo_gym: Gym runs from its own Python 3.13 venv (`.venv-gym`) and is
 reached over HTTP only. `GymStack` and `ServerInstance` load on first use: the run config imports
-`megagym.gym.config`, and the trainer, which never talks to Gym, must not need an HTTP client
-(a lent GPU machine has none; tests/trainer/test_bare_gpu_machine.py).
+`megagym.gym.config`, and code that never talks to Gym (the Megatron trainer, run alone on a lent
+GPU machine, which need not have httpx) must not need an HTTP client (tests/trainer/test_bare_gpu_machine.py).
 """
 
 from megagym.gym.config import EnvironmentSpec, GymConfig, resolve_environments

@@ -3,7 +3,7 @@
 `manager.py` schedules and streams, `trajectory.py` turns one trajectory into a `Sample` (with the
 contiguity check), `metrics.py` keeps per-environment statistics and the progress bar.
 `RolloutManager` and `stamp_row` load on first use: the run config imports `rollout.config`, and
-the trainer must not need the manager's HTTP client (tests/trainer/test_bare_gpu_machine.py).
+the Megatron trainer run alone must not need the manager's HTTP client (tests/trainer/test_bare_gpu_machine.py).
 """
 
 from megagym.rollout.config import RolloutConfig
