@@ -46,7 +46,8 @@ def read_env() -> DistEnv:
     elif world == 1:
         port = free_port()
     elif slurm and "SLURM_JOB_ID" in env:
-        port = 20000 + int(env["SLURM_JOB_ID"]) % 20000  # same on every task of the job
+        # same on every task of the job, and slurm/train.sh's formula: below the ephemeral range
+        port = 20001 + int(env["SLURM_JOB_ID"]) % 10000
     else:
         raise RuntimeError("MASTER_PORT is not set (torchrun sets it; under Slurm export it in the batch script)")
     return DistEnv(rank, world, local, addr, port)

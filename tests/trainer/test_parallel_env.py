@@ -29,7 +29,7 @@ def test_slurm(clean_env):
                      SLURM_LAUNCH_NODE_IPADDR="10.1.2.3").items():
         clean_env.setenv(k, v)
     e = read_env()
-    assert (e.rank, e.world_size, e.local_rank, e.master_addr, e.master_port) == (5, 8, 1, "10.1.2.3", 20123)
+    assert (e.rank, e.world_size, e.local_rank, e.master_addr, e.master_port) == (5, 8, 1, "10.1.2.3", 20124)  # slurm/train.sh: 20001 + job % 10000
 
 
 def test_single_process_and_missing_port(clean_env):
