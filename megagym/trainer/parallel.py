@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megagym.server.process import free_port
+from megagym.server.process import QUIET_PORTS_LOW, free_port
 
 
 @dataclass
@@ -47,7 +47,7 @@ def read_env() -> DistEnv:
         port = free_port()
     elif slurm and "SLURM_JOB_ID" in env:
         # same on every task of the job, and slurm/train.sh's formula: below the ephemeral range
-        port = 20001 + int(env["SLURM_JOB_ID"]) % 10000
+        port = QUIET_PORTS_LOW + int(env["SLURM_JOB_ID"]) % 10000
     else:
         raise RuntimeError("MASTER_PORT is not set (torchrun sets it; under Slurm export it in the batch script)")
     return DistEnv(rank, world, local, addr, port)
