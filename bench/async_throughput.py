@@ -17,7 +17,7 @@ its weights). Per mode and seed:
 
 and the ratio of each mode's samples/min to sync's of the same seed.
 
-    .venv/bin/python bench/async_throughput.py                              # tiny config, seeds 1 2
+    .venv/bin/python bench/async_throughput.py                              # tiny config (16 steps), seeds 1 2
     .venv/bin/python bench/async_throughput.py train.steps=6 optim.total_steps=6 --config configs/smollm2_cpu.yaml --seeds 1
                                           # overrides first: --seeds/--modes take every word after them
     .venv/bin/python bench/async_throughput.py --summarize-only             # tables from finished runs

@@ -7,6 +7,7 @@ the tests that need them so that the unit tests start fast.
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
@@ -26,6 +27,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory):
+    """A directory for the files one test module shares (imported models, training runs), removed
+    when the module ends: their checkpoints run to gigabytes and CI's disk has room for few. A
+    test's own `tmp_path` is removed when it passes (pytest.ini: tmp_path_retention_policy)."""
+    path = tmp_path_factory.mktemp("module")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

