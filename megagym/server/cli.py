@@ -6,7 +6,9 @@ The API key never needs the command line (where `ps` shows it to every user of t
 comes from the `MEGAGYM_API_KEY` environment variable (removed from this process's environment
 once read, so the engine's processes do not inherit it) or from `--api-key-file`, a file only its
 owner may read. An `api_key=` override still works but warns. SIGINT/SIGTERM to this process stop
-the server and then the engine (bounded by `shutdown_timeout_s`).
+the server and then the engine (bounded by `shutdown_timeout_s`). vLLM's engine processes talk over
+ZMQ Unix sockets named by UUID in VLLM_RPC_BASE_PATH (default: the temp dir, where nobody removes
+them); unless the caller set it, each server points it at a directory of its own, removed on exit.
 Must not: contain server behaviour; everything else is in app.py / engine.py.
 """
 
@@ -15,9 +17,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import socket
 import stat
 import sys
+import tempfile
 
 from megagym.config import ConfigError, load
 
@@ -93,9 +97,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megagym serve: cannot bind {cfg.host}:{cfg.port}: {e.strerror.lower() if e.strerror else e}",
               file=sys.stderr)
         return 1
-    config = uvicorn.Config(create_app(cfg), log_level=log_level, timeout_graceful_shutdown=10,
-                            **uvicorn_settings(cfg))
-    uvicorn.Server(config).run(sockets=[sock])
+    ipc_dir = None
+    if "VLLM_RPC_BASE_PATH" not in os.environ:  # read when the engine starts, inherited by its processes
+        ipc_dir = os.environ["VLLM_RPC_BASE_PATH"] = tempfile.mkdtemp(prefix="megagym-vllm-ipc-")
+    try:
+        config = uvicorn.Config(create_app(cfg), log_level=log_level, timeout_graceful_shutdown=10,
+                                **uvicorn_settings(cfg))
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        if ipc_dir:
+            shutil.rmtree(ipc_dir, ignore_errors=True)
     return 0
 
 
