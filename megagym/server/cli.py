@@ -8,7 +8,8 @@ once read, so the engine's processes do not inherit it) or from `--api-key-file`
 owner may read. An `api_key=` override still works but warns. SIGINT/SIGTERM to this process stop
 the server and then the engine (bounded by `shutdown_timeout_s`). vLLM's engine processes talk over
 ZMQ Unix sockets named by UUID in VLLM_RPC_BASE_PATH (default: the temp dir, where nobody removes
-them); unless the caller set it, each server points it at a directory of its own, removed on exit.
+them); unless the caller set it, each server points it at a directory of its own, removed on exit
+(not after a SIGKILL).
 Must not: contain server behaviour; everything else is in app.py / engine.py.
 """
 
@@ -18,6 +19,7 @@ import argparse
 import logging
 import os
 import shutil
+import signal
 import socket
 import stat
 import sys
@@ -100,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     ipc_dir = None
     if "VLLM_RPC_BASE_PATH" not in os.environ:  # read when the engine starts, inherited by its processes
         ipc_dir = os.environ["VLLM_RPC_BASE_PATH"] = tempfile.mkdtemp(prefix="megagym-vllm-ipc-")
+        remove_on_signal(ipc_dir)
     try:
         config = uvicorn.Config(create_app(cfg), log_level=log_level, timeout_graceful_shutdown=10,
                                 **uvicorn_settings(cfg))
@@ -108,6 +111,19 @@ def main(argv: list[str] | None = None) -> int:
         if ipc_dir:
             shutil.rmtree(ipc_dir, ignore_errors=True)
     return 0
+
+
+def remove_on_signal(path: str) -> None:
+    """On SIGTERM/SIGINT remove `path`, then die of the signal as before. uvicorn swaps these
+    handlers out while it serves and, after its graceful shutdown, raises the signal it caught
+    again under the handler it found: this one (a `finally` would never run)."""
+    def handler(signum, frame):
+        shutil.rmtree(path, ignore_errors=True)
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handler)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
