@@ -64,7 +64,9 @@ def test_tiny_cpu_learns(tmp_path):
     recs = read_metrics(run)
     vals = [r["val/reward_mean"] for r in recs if "val/reward_mean" in r]
     assert len(vals) == 2, vals  # before the first and after the last step
-    assert vals[1] > vals[0] + 0.15, f"validation reward {vals[0]:.3f} -> {vals[1]:.3f}"
+    # the step where a random model takes off varies; five runs of this default gained +0.14 to +0.33
+    # (README quick start); the untrained model's validation reward varied by under 0.01 over those runs
+    assert vals[1] > vals[0] + 0.1, f"validation reward {vals[0]:.3f} -> {vals[1]:.3f}"
     steps = [r for r in recs if "train/loss" in r]
     assert len(steps) == 16
     for r in steps:  # on-policy: the engine's logprobs are the trainer's (fp32, CPU)
