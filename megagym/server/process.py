@@ -7,7 +7,10 @@ order and in-flight requests finish or fail cleanly), then SIGKILL to the whole 
 anything left. The caller gets the base URL (no `/v1`) and the log path. An `api_key=...`
 override never reaches the command line (`ps` shows it to every user): `serve_argv` leaves it out
 and returns it for the child's environment (`MEGAGYM_API_KEY`, readable only by its owner), which
-`megagym serve` reads.
+`megagym serve` reads. Each server's vLLM engine gets a directory of its own for its ZMQ IPC
+sockets (VLLM_RPC_BASE_PATH, unless the caller's environment sets one), which `stop` removes after
+the process group is gone: a server killed with SIGKILL, or a test-only app that never cleans up,
+leaves nothing in the temp dir.
 Must not: pick models or settings beyond what it is given (the KV-cache size travels in the
 overrides, as `ServerConfig.kv_cache_gib`); import vLLM. Several servers for a run: launch/servers.py.
 """
@@ -16,10 +19,12 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -98,6 +103,7 @@ class ServerProcess:
     env: dict[str, str] = field(default_factory=dict)
     command: list[str] | None = None  # default: `python -m megagym.cli serve ...`
     proc: subprocess.Popen | None = None
+    ipc_dir: str | None = None  # the engine's IPC socket directory, when this object made it
 
     @property
     def base_url(self) -> str:
@@ -123,6 +129,8 @@ class ServerProcess:
                **self.env}
         env.pop(API_KEY_ENV, None)
         env.update(key_env)
+        if "VLLM_RPC_BASE_PATH" not in env:  # `megagym serve` then makes no directory of its own
+            self.ipc_dir = env["VLLM_RPC_BASE_PATH"] = tempfile.mkdtemp(prefix="megagym-vllm-ipc-")
         self.log_path = Path(self.log_path or f"/tmp/megagym-serve-{self.port}.log")
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -135,6 +143,7 @@ class ServerProcess:
                     os.killpg(pgid, signal.SIGKILL)  # engine processes the server left behind
                 except ProcessLookupError:
                     pass
+                self._remove_ipc_dir()
                 tail = self.tail()
                 kind = PortTaken if "address already in use" in tail else RuntimeError
                 raise kind(f"server exited with {code} during start-up; log:\n{tail}")
@@ -162,9 +171,15 @@ class ServerProcess:
         except OSError:
             return ""
 
+    def _remove_ipc_dir(self) -> None:
+        if self.ipc_dir:
+            shutil.rmtree(self.ipc_dir, ignore_errors=True)
+            self.ipc_dir = None
+
     def stop(self, timeout_s: float = 40.0) -> None:
         proc, self.proc = self.proc, None
         if proc is None:
+            self._remove_ipc_dir()
             return
         pgid = proc.pid  # start_new_session: the group id is the leader's pid
         if proc.poll() is None:
@@ -181,6 +196,7 @@ class ServerProcess:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
+        self._remove_ipc_dir()
 
     def __enter__(self) -> "ServerProcess":
         return self.start()
