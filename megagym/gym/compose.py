@@ -57,9 +57,11 @@ class LaunchPlan:
 
 
 
-def ray_tmpdir(run_id: str) -> Path:
-    """Ray's temp root for one stack (removed when the stack stops)."""
-    return Path(f"/tmp/megagym-ray-{run_id}")
+def stack_tmpdir(run_id: str) -> Path:
+    """One stack's temp root, removed when the stack stops: Ray's (RAY_TMPDIR) and every Gym
+    process's TMPDIR, so what they leave in a temp dir (Ray's sessions and sockets, wandb's media
+    dirs, multiprocessing's listeners) goes with it, also after a SIGKILL."""
+    return Path(f"/tmp/megagym-gym-{run_id}")
 
 def gym_install_root(venv: str | Path) -> Path:
     """site-packages of Gym's venv (where nemo_gym and the built-in servers live)."""
@@ -242,7 +244,8 @@ def compose(
         # Ray's own temp root: ray.init() without an address joins the cluster named in
         # <root>/ray/ray_current_cluster, i.e. another run's on a shared /tmp (seen: a Gym stack
         # joined a neighbour's dying Ray and never came up). Short: Ray's socket paths live under it.
-        "RAY_TMPDIR": str(ray_tmpdir(run_id)),
+        "RAY_TMPDIR": str(stack_tmpdir(run_id)),
+        "TMPDIR": str(stack_tmpdir(run_id)),
     }
     path_dirs = [str(resolve_path(d)) for spec in envs.values() for d in spec.path_dirs]
     if path_dirs:

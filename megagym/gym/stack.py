@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 import httpx
 import yaml
 
-from megagym.gym.compose import LaunchPlan, compose, ray_tmpdir
+from megagym.gym.compose import LaunchPlan, compose, stack_tmpdir
 from megagym.gym.config import GymConfig, resolve_environments
 from megagym.gym.errors import GymError
 from megagym.gym.kill import children, has_live_child_or_self, kill_run, marker_pids, pid_alive
@@ -98,6 +98,7 @@ class GymStack:
     def launch(self) -> None:
         plan = self.plan
         plan.run_dir.mkdir(parents=True, exist_ok=True)
+        stack_tmpdir(plan.run_id).mkdir(mode=0o700, exist_ok=True)  # Python ignores a TMPDIR that is not there
         env = dict(os.environ)
         env.pop("RAY_ADDRESS", None)  # never join someone else's Ray cluster
         env.update(plan.env)
@@ -304,7 +305,7 @@ class GymStack:
         except FileNotFoundError:
             pass
         if not left:
-            shutil.rmtree(ray_tmpdir(self.plan.run_id), ignore_errors=True)
+            shutil.rmtree(stack_tmpdir(self.plan.run_id), ignore_errors=True)
         return left
 
     def __enter__(self) -> "GymStack":
@@ -323,7 +324,7 @@ def stop_from_state(run_dir: str | Path, timeout: float = 20.0) -> list[str]:
     left = kill_run(state["run_id"], state.get("pgid"), state.get("pid"), timeout)
     if not left:
         path.unlink()
-        shutil.rmtree(ray_tmpdir(state["run_id"]), ignore_errors=True)
+        shutil.rmtree(stack_tmpdir(state["run_id"]), ignore_errors=True)
     return left
 
 

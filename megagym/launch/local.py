@@ -63,7 +63,7 @@ def run_local(cfg, config_path: str | None, overrides: list[str], resume: bool, 
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
         with policy_servers(cfg, cfg.model.hf_path, run_dir / "logs", "megagym train") as urls:
-            return _run_trainer(urls, config_path, overrides, resume, nproc, gym_dir)
+            return _run_trainer(urls, config_path, overrides, resume, nproc, gym_dir, run_dir / "logs")
     except (KeyboardInterrupt, _Terminated):
         print("megagym train: interrupted; stopping the run", file=sys.stderr)
         return 130
@@ -72,12 +72,13 @@ def run_local(cfg, config_path: str | None, overrides: list[str], resume: bool, 
 
 
 def _run_trainer(urls: list[str], config_path: str | None, overrides: list[str], resume: bool, nproc: int,
-                 gym_dir: Path) -> int:
+                 gym_dir: Path, log_dir: Path) -> int:
     """The trainer ranks in their own process group; they and Gym are stopped before the servers."""
     argv = [sys.executable, "-m", "megagym.train", "--worker"]
     if nproc > 1:
         argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-                f"--master-port={free_port()}", "-m", "megagym.train", "--worker"]
+                f"--master-port={free_port()}", f"--log-dir={log_dir / 'torchrun'}",  # not a temp dir of its own
+                "-m", "megagym.train", "--worker"]
     argv += ([config_path] if config_path else []) + overrides
     argv += [f"servers.urls={json.dumps(urls)}", f"env.run_dir={json.dumps(str(gym_dir))}"]
     argv += ["--resume"] if resume else []

@@ -11,7 +11,7 @@ import yaml
 
 from megagym.config import ConfigError, load
 from megagym.config.schema import RunConfig
-from megagym.gym.compose import compose, publish_policy_endpoint, ray_tmpdir
+from megagym.gym.compose import compose, publish_policy_endpoint, stack_tmpdir
 from megagym.gym.config import GymConfig, resolve_environments
 from megagym.rollout import ContiguityError, RolloutConfig, RolloutManager, TrajectoryError, trajectory_to_sample
 from megagym.gym.rows import load_env_rows
@@ -57,7 +57,8 @@ rollout: {n: 4, max_output_tokens: 16}
     assert plan.agent_to_env == {"math_with_judge_simple_agent": "math_with_judge",
                                  "lowercase_words_simple_agent": "lowercase_words"}
     assert plan.env["NEMO_GYM_EXTRA_ROOTS"].endswith("/envs")
-    assert plan.env["RAY_TMPDIR"] == str(ray_tmpdir(plan.run_id))  # never joins a neighbour's Ray
+    assert plan.env["RAY_TMPDIR"] == str(stack_tmpdir(plan.run_id))  # never joins a neighbour's Ray
+    assert plan.env["TMPDIR"] == plan.env["RAY_TMPDIR"]  # removed with the stack
     # every server folder Gym may start has a link to the one prepared venv
     link = plan.venv_links / "resources_servers" / "lowercase_words" / ".venv"
     assert (link / "bin" / "python").exists()

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from megagym.server.process import free_port
@@ -32,9 +33,10 @@ def torchrun(worker: str, nproc: int, args: list[str], timeout: int = 300) -> su
     """Run tests/trainer/<worker> under torchrun (gloo); raise with its output on failure."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false",
                PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    cmd = [*TORCHRUN, f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
-           str(REPO / "tests" / "trainer" / worker), *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, start_new_session=True)
+    with tempfile.TemporaryDirectory(prefix="torchrun-") as logs:  # else torchrun leaves one in the temp dir
+        cmd = [*TORCHRUN, f"--nproc-per-node={nproc}", f"--master-port={free_port()}", f"--log-dir={logs}",
+               str(REPO / "tests" / "trainer" / worker), *args]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, start_new_session=True)
     if proc.returncode != 0:
         raise AssertionError(f"{worker} failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
