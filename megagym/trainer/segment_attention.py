@@ -29,16 +29,16 @@ class SegmentAttention(DotProductAttention):
         if self.softmax_offset is not None or attention_bias is not None:
             raise NotImplementedError("packed rows with attention sinks or an attention bias need transformer-engine")
         scale = self.softmax_scale * (self.scale_mask_softmax.scale or 1.0)  # query-key layer scaling
-        groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
         # [1, heads, s, head_dim]: torch's fused CPU kernel takes 4-d inputs only (3-d ones fall back to
-        # the unfused maths, which keeps the scores)
+        # the unfused maths, which keeps the scores). Grouped-query attention without repeating the
+        # key/value heads (`enable_gqa`: same kernel, same outputs, no copies)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        gqa = self.num_attention_heads_per_partition != self.num_query_groups_per_partition
         dropout = self.attention_dropout.p if self.training else 0.0
         bounds = packed_seq_params.cu_seqlens_q.tolist()
         out = torch.cat([
             torch.nn.functional.scaled_dot_product_attention(
-                q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], dropout_p=dropout, is_causal=True, scale=scale)
+                q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], dropout_p=dropout, is_causal=True, scale=scale,
+                enable_gqa=gqa)
             for a, b in zip(bounds[:-1], bounds[1:]) if b > a], dim=2)  # [1, heads, s, head_dim]
         return out.permute(2, 0, 1, 3).reshape(out.shape[2], 1, self.hidden_size_per_partition)
