@@ -8,8 +8,9 @@ once read, so the engine's processes do not inherit it) or from `--api-key-file`
 owner may read. An `api_key=` override still works but warns. SIGINT/SIGTERM to this process stop
 the server and then the engine (bounded by `shutdown_timeout_s`). vLLM's engine processes talk over
 ZMQ Unix sockets named by UUID in VLLM_RPC_BASE_PATH (default: the temp dir, where nobody removes
-them); unless the caller set it, each server points it at a directory of its own, removed on exit
-(not after a SIGKILL).
+them); unless the caller set it, each server points it at a directory of its own (`make_ipc_dir`),
+removed on exit and on SIGTERM/SIGINT. A server started by `ServerProcess` gets its directory from
+the parent, which removes it even after a SIGKILL.
 Must not: contain server behaviour; everything else is in app.py / engine.py.
 """
 
@@ -28,6 +29,7 @@ import tempfile
 from megagym.config import ConfigError, load
 
 API_KEY_ENV = "MEGAGYM_API_KEY"
+IPC_DIR_ENV = "VLLM_RPC_BASE_PATH"  # where vLLM's engine processes put their ZMQ IPC sockets
 
 
 def parse(argv: list[str]):
@@ -100,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     ipc_dir = None
-    if "VLLM_RPC_BASE_PATH" not in os.environ:  # read when the engine starts, inherited by its processes
-        ipc_dir = os.environ["VLLM_RPC_BASE_PATH"] = tempfile.mkdtemp(prefix="megagym-vllm-ipc-")
+    if IPC_DIR_ENV not in os.environ:  # read when the engine starts, inherited by its processes
+        ipc_dir = os.environ[IPC_DIR_ENV] = make_ipc_dir()
         remove_on_signal(ipc_dir)
     try:
         config = uvicorn.Config(create_app(cfg), log_level=log_level, timeout_graceful_shutdown=10,
@@ -111,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         if ipc_dir:
             shutil.rmtree(ipc_dir, ignore_errors=True)
     return 0
+
+
+def make_ipc_dir() -> str:
+    """A new private directory for one server's vLLM IPC sockets (the caller removes it)."""
+    return tempfile.mkdtemp(prefix="megagym-vllm-ipc-")
 
 
 def remove_on_signal(path: str) -> None:

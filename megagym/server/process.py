@@ -24,13 +24,12 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megagym.server.cli import API_KEY_ENV
+from megagym.server.cli import API_KEY_ENV, IPC_DIR_ENV, make_ipc_dir
 
 
 QUIET_PORTS_LOW = 20001  # above Gym's own server range (env.port_range_low..high: 10001-20000)
@@ -129,8 +128,8 @@ class ServerProcess:
                **self.env}
         env.pop(API_KEY_ENV, None)
         env.update(key_env)
-        if "VLLM_RPC_BASE_PATH" not in env:  # `megagym serve` then makes no directory of its own
-            self.ipc_dir = env["VLLM_RPC_BASE_PATH"] = tempfile.mkdtemp(prefix="megagym-vllm-ipc-")
+        if IPC_DIR_ENV not in env:  # `megagym serve` then makes no directory of its own
+            self.ipc_dir = env[IPC_DIR_ENV] = make_ipc_dir()
         self.log_path = Path(self.log_path or f"/tmp/megagym-serve-{self.port}.log")
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
