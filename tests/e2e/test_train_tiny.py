@@ -64,15 +64,17 @@ def test_tiny_cpu_learns(tmp_path):
     recs = read_metrics(run)
     vals = [r["val/reward_mean"] for r in recs if "val/reward_mean" in r]
     assert len(vals) == 2, vals  # before the first and after the last step
-    # the step where a random model takes off varies; five runs of this default gained +0.14 to +0.33
-    # (README quick start); the untrained model's validation reward varied by under 0.01 over those runs
-    assert vals[1] > vals[0] + 0.1, f"validation reward {vals[0]:.3f} -> {vals[1]:.3f}"
     steps = [r for r in recs if "train/loss" in r]
-    assert len(steps) == 16
+    curve = " ".join(f"{r['rollout/reward_mean']:.2f}" for r in steps)
+    # the step where a random model takes off varies (README quick start); the untrained model's
+    # validation reward varied by under 0.01 over those runs
+    assert vals[1] > vals[0] + 0.1, f"validation reward {vals[0]:.3f} -> {vals[1]:.3f}; rollout reward by step: {curve}"
+    n_steps = load(RunConfig, REPO / "configs/tiny_cpu.yaml").train.steps
+    assert len(steps) == n_steps
     for r in steps:  # on-policy: the engine's logprobs are the trainer's (fp32, CPU)
         assert r["train/gen_abs_diff"] < 1e-4, r["train/gen_abs_diff"]
         assert r["sync/weight_version"] == r["step"]
-    assert (run / "checkpoints" / "step_00000016").is_dir()
+    assert (run / "checkpoints" / f"step_{n_steps:08d}").is_dir()
     assert not _leftovers(run)
     assert (run / "plots" / "step_time.png").stat().st_size > 2000  # written by the run itself
     assert subprocess.run([sys.executable, "-m", "megagym.cli", "plot", str(run)], cwd=REPO).returncode == 0
