@@ -66,7 +66,7 @@ def test_tiny_cpu_learns(tmp_path):
     assert len(vals) == 2, vals  # before the first and after the last step
     steps = [r for r in recs if "train/loss" in r]
     curve = " ".join(f"{r['rollout/reward_mean']:.2f}" for r in steps)
-    # the step where a random model takes off varies (README quick start: steps 10-14); the untrained
+    # the step where a random model takes off varies (README quick start: steps 10-15); the untrained
     # model's validation reward was 0.66-0.72 over those runs and 0.98-1.00 after 24 steps
     assert vals[1] > vals[0] + 0.1, f"validation reward {vals[0]:.3f} -> {vals[1]:.3f}; rollout reward by step: {curve}"
     n_steps = load(RunConfig, REPO / "configs/tiny_cpu.yaml").train.steps
