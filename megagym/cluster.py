@@ -90,7 +90,7 @@ def serve(cfg, url_dir: Path, port_base: int, advertise: str, bind: str = "127.0
     tmp = url_dir / f".server_{index}.url.tmp"
     tmp.write_text(f"http://{host}:{port}\n")
     os.replace(tmp, url_dir / f"server_{index}.url")
-    argv, key_env = serve_argv(cfg.model.hf_path, bind, port, server_overrides(cfg))
+    argv, key_env = serve_argv(cfg.model.hf_path, bind, port, server_overrides(cfg, index))
     env.update(key_env)  # the API key travels in the environment, never on the command line
     print(f"megagym cluster serve: server {index} on {host}:{port} "
           f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '')})", flush=True)

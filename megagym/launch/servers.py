@@ -1,7 +1,7 @@
 """The one way to start, wait for and stop the policy servers of a run on one machine.
 
 Owns: the `megagym serve` settings of a run (`server_overrides`: its model dtype, sampling guard,
-weight sync, then `servers.settings`, where the KV-cache size travels as `kv_cache_gib`), the GPU
+weight sync, a seed per server, then `servers.settings`, where the KV-cache size travels as `kv_cache_gib`), the GPU
 slice of each server (`gpu_slice`: vLLM tensor parallel = `servers.settings.tensor_parallel_size`
 devices each, taken in order from CUDA_VISIBLE_DEVICES), and `policy_servers(cfg, ...)`: start
 `servers.count` servers side by side (or pass `servers.urls` through), wait until each answers /health, yield
@@ -22,8 +22,10 @@ from typing import Iterator
 from megagym.server.process import ServerProcess
 
 
-def server_overrides(cfg) -> list[str]:
-    """`megagym serve` settings for this run: its model, sampling guard, weight sync, then `servers.settings`."""
+def server_overrides(cfg, index: int) -> list[str]:
+    """`megagym serve` settings of server `index` of this run: its model, sampling guard, weight
+    sync, then `servers.settings`; its seed is the run's (or `servers.settings.seed`) + `index`, so
+    that servers given the same prompts at the same moment do not draw the same samples."""
     settings = {
         "dtype": cfg.model.dtype,
         "weight_sync": cfg.servers.weight_sync,
@@ -35,6 +37,7 @@ def server_overrides(cfg) -> list[str]:
         "seed": cfg.run.seed,
     }
     settings.update(_flatten(cfg.servers.settings))
+    settings["seed"] = int(settings["seed"]) + index
     return [f"{k}={json.dumps(v)}" for k, v in settings.items()]
 
 
@@ -77,7 +80,7 @@ def policy_servers(cfg, model_path: str, log_dir: Path, who: str = "megagym") ->
     if cfg.servers.urls:
         yield list(cfg.servers.urls)
         return
-    servers = [ServerProcess(str(model_path), overrides=server_overrides(cfg),
+    servers = [ServerProcess(str(model_path), overrides=server_overrides(cfg, i),
                              log_path=Path(log_dir) / f"server_{i}.log", env=server_gpu_env(cfg, i))
                for i in range(cfg.servers.count)]
     try:

@@ -106,6 +106,7 @@ class BatchSource:
         while True:
             idx = self.cursor.take(need)
             got = asyncio.run(self._gather([self.rows[i] for i in idx], idx))
+            got.sort(key=lambda g: idx.index(g.row_index))  # the cursor's order, not the finishing order
             metrics = _merge_counts(metrics, self.manager.metrics.summary())
             if any(g.failures for g in got):
                 try:

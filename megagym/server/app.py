@@ -12,7 +12,8 @@ Gym's model proxy drops every non-token field, so each returned choice's boundar
 in a bounded `TokenVersionLedger` (`app.state.token_versions`) under
 `generation_key(prompt_token_ids, generation_token_ids)`; `POST /megagym/token_versions`
 `{"keys": [hex, ...]}` answers `{"versions": [boundaries | null, ...]}` aligned to the keys, each
-record read once. `/health` also reports `requests_in_flight` (generation requests in the engine
+record read once. With `request_seeds` on, a request without a `seed` is sampled under one derived
+from the server's seed, weight version and prompt (request_seeds.py: repeatable runs). `/health` also reports `requests_in_flight` (generation requests in the engine
 now) and `idle_seconds` (wall seconds since start with none in flight, counted up to now). Every refusal is a 4xx naming the field, and
 the order of checks keeps the work of a refused request small: body size (limits.py, before the
 body is read) -> JSON shape -> typed fields (protocol.py) -> message count and text length
@@ -48,6 +49,7 @@ from megagym.server.protocol import (
     describe_validation_errors,
     error_body,
 )
+from megagym.server.request_seeds import RequestSeeds
 from megagym.server.sampling import RequestError, check_sampling, max_new_tokens
 from megagym.server.tokens import ChatTokenizer, TokenFixError
 from megagym.token_versions import TokenVersionLedger, generation_key
@@ -180,6 +182,7 @@ def create_app(cfg: ServerConfig, *, engine_factory: Callable[[ServerConfig], Aw
     app = FastAPI(title="megagym policy server", lifespan=lifespan)
     app.state.cfg = cfg
     app.state.token_versions = TokenVersionLedger()
+    app.state.request_seeds = RequestSeeds(cfg.seed) if cfg.request_seeds else None
     app.add_middleware(BodyLimitMiddleware, state=app.state)
 
     @app.middleware("http")
@@ -256,6 +259,8 @@ def create_app(cfg: ServerConfig, *, engine_factory: Callable[[ServerConfig], Aw
         sampling.setdefault("logprobs", 0)  # token information is always computed (one log-softmax per step)
         prompt = await asyncio.to_thread(_prompt_ids, st.chat, req, cfg)
         ids = prompt.token_ids
+        if st.request_seeds is not None and sampling["seed"] is None:
+            sampling["seed"] = st.request_seeds.derive(ids, st.weight_version)
         max_tokens = max_new_tokens(req, len(ids), st.max_model_len)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         llm = st.engine

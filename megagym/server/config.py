@@ -36,7 +36,12 @@ class ServerConfig:
     gpu_memory_utilization: float = 0.8
     tensor_parallel_size: int = 1
     enforce_eager: bool = True
-    seed: int = 0
+    seed: int = 0  # the engine's seed, and the root of the per-request seeds below
+    # True: a chat request without a `seed` gets one derived from `seed`, its weight version, prompt
+    # and how often that prompt came before (request_seeds.py), so that a run's samples repeat. vLLM
+    # then samples it with its own generator, which on GPU also leaves FlashInfer's sampling kernel
+    # for torch's (slower). False: vLLM's shared generator, samples depend on batch timing.
+    request_seeds: bool = False
     enable_prefix_caching: bool = True
     max_num_seqs: int = 256
     shutdown_timeout_s: float = 20.0

@@ -15,6 +15,7 @@ from megagym.server.engine import update_weights
 class FakeLLM:
     def __init__(self, tok):
         self.calls: list[str] = []
+        self.seeds: list[int | None] = []  # SamplingParams.seed of each generate call
         self.errored = False
         self.tok = tok
         self.model_config = SimpleNamespace(
@@ -34,6 +35,7 @@ class FakeLLM:
         self.calls.append(f"version:{v}")
 
     async def generate(self, prompt, params, request_id):
+        self.seeds.append(params.seed)
         gen = [100, 200]
         lps = [{t: SimpleNamespace(logprob=-1.5, rank=1, decoded_token="x")} for t in gen]
         out = SimpleNamespace(index=0, text=self.tok.decode(gen), token_ids=gen, logprobs=lps,
@@ -45,10 +47,10 @@ class FakeLLM:
 
 
 @pytest.fixture()
-def fake(tiny_qwen3):
+def fake(tiny_qwen3, request):
     from transformers import AutoTokenizer
 
-    cfg = ServerConfig(model=str(tiny_qwen3), api_key="sekrit", tool_parser="hermes")
+    cfg = ServerConfig(model=str(tiny_qwen3), api_key="sekrit", tool_parser="hermes", request_seeds=getattr(request, "param", False))
     llm = FakeLLM(AutoTokenizer.from_pretrained(str(tiny_qwen3)))
 
     async def factory(c):
@@ -368,3 +370,33 @@ def test_engine_refusals_are_400_naming_the_field(fake):
         llm.generate = refuse
         r = client.post("/v1/chat/completions", headers=auth, json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+@pytest.mark.parametrize("fake", [True, False], ids=["request_seeds", "shared_generator"], indirect=True)
+def test_request_seeds_reach_the_engine(fake):
+    """request_seeds: copies of one prompt get distinct derived seeds, the same ones again under a
+    server with the same settings, new ones under a new weight version; a client's seed is kept.
+    Off: the engine sees the client's seed or none (vLLM's shared generator)."""
+    from megagym.server.request_seeds import RequestSeeds
+
+    client, llm = fake
+    on = client.app.state.cfg.request_seeds
+    auth = {"authorization": "Bearer sekrit"}
+
+    def ask(content, **kw):
+        r = client.post("/v1/chat/completions", headers=auth,
+                        json={"messages": [{"role": "user", "content": content}], "max_tokens": 2, **kw})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["prompt_token_ids"]
+
+    prompt = [ask("a"), ask("a"), ask("b"), ask("a", seed=5)][0]
+    client.app.state.weight_version = 1
+    ask("a")
+    if not on:
+        assert llm.seeds == [None, None, None, 5, None]
+        return
+    again = RequestSeeds(client.app.state.cfg.seed)  # what another run of this server derives
+    first, second = again.derive(prompt, 0), again.derive(prompt, 0)
+    assert llm.seeds[:2] == [first, second] and first != second
+    assert llm.seeds[2] not in (first, second) and llm.seeds[3] == 5
+    assert llm.seeds[4] == again.derive(prompt, 1) and llm.seeds[4] not in (first, second)

@@ -6,6 +6,7 @@ All tests share the session's one `policy_server` (tests/conftest.py). Generatio
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -270,3 +271,25 @@ def test_tools_render_as_the_client_wrote_them(client, tok):
     r = client.post("/tokenize", json={"messages": messages, "tools": tools})
     expected = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert r.status_code == 200 and r.json()["tokens"] == expected
+
+
+def test_a_seeded_request_samples_the_same_among_other_requests(policy_server):
+    """What derived request seeds (request_seeds.py) rely on: a seeded request draws from its own
+    generator, so its sample does not depend on which requests share the engine's batches. The
+    same seeded request alone, then among six unseeded ones sent at the same moment."""
+    url = f"{policy_server.base_url}/v1/chat/completions"
+    seeded = {"messages": [{"role": "user", "content": "count"}], "max_tokens": 24, "seed": 31,
+              "logprobs": True, "return_tokens_as_token_ids": True}
+
+    def ask(body):
+        r = httpx.post(url, json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]
+
+    alone = ask(seeded)
+    others = [{**seeded, "seed": None, "messages": [{"role": "user", "content": f"other {i}"}]} for i in range(6)]
+    with ThreadPoolExecutor(7) as pool:
+        crowded = list(pool.map(ask, others[:3] + [seeded] + others[3:]))[3]
+    assert len(alone["generation_token_ids"]) > 4
+    assert crowded["generation_token_ids"] == alone["generation_token_ids"]
+    assert crowded["generation_log_probs"] == pytest.approx(alone["generation_log_probs"], abs=1e-4)
