@@ -4,7 +4,9 @@ Owns (rank 0 only): the resumable prompt cursor over the training rows, one step
 groups (with DAPO-style dynamic sampling: groups whose rewards are all equal carry no signal and
 are replaced by new prompts, a bounded number of times), prefetching the next batch in a
 background thread for the one-step-off mode, handing async mode to `stream.RolloutStream`, and
-validation rollouts (scored by `validation.py`).
+validation rollouts (scored by `validation.py`). A collected batch is put in one order (groups in
+the cursor's order, a group's samples by their token IDs), not the order rollouts finished in, so
+that with per-request seeds (`request_seeds` of the policy server) a run repeats bit for bit.
 Must not: touch the model or weights; the loop decides when weights change, and it must wait
 for a prefetch to finish before it changes them (no trajectory may span two weight versions).
 
@@ -107,6 +109,8 @@ class BatchSource:
             idx = self.cursor.take(need)
             got = asyncio.run(self._gather([self.rows[i] for i in idx], idx))
             got.sort(key=lambda g: idx.index(g.row_index))  # the cursor's order, not the finishing order
+            for g in got:  # one order of a group's samples, whichever rollout finished or drew first
+                g.samples.sort(key=lambda s: s.token_ids)
             metrics = _merge_counts(metrics, self.manager.metrics.summary())
             if any(g.failures for g in got):
                 try:

@@ -188,7 +188,6 @@ class RolloutManager:
             metrics.add_failure(env, d.failure)
         if failures and self.cfg.drop_group_on_failure:
             samples = []
-        samples.sort(key=lambda s: s.token_ids)  # one order whichever rollout finished or drew first
         return RolloutGroup(row_index=row_index, env=env, samples=samples, failures=failures)
 
     def _dead_dependency(self, agent: str) -> str | None:
