@@ -66,8 +66,10 @@ def test_tiny_cpu_learns(tmp_path):
     assert len(vals) == 2, vals  # before the first and after the last step
     steps = [r for r in recs if "train/loss" in r]
     curve = " ".join(f"{r['rollout/reward_mean']:.2f}" for r in steps)
-    # the step where a random model takes off varies (README quick start: steps 10-15); the untrained
-    # model's validation reward was 0.66-0.72 over those runs and 0.98-1.00 after 24 steps
+    # with derived request seeds (the config's servers.settings.request_seeds) two runs on this machine
+    # kind gave the same metrics at every step: validation 0.702 -> 1.000, rollout reward 0.82 at step
+    # 10. Another CPU's kernels can round differently and flip a token, so the bar stays loose: before
+    # request seeds the take-off came at steps 10-15 and runs ended at 0.98-1.00 (README quick start)
     assert vals[1] > vals[0] + 0.1, f"validation reward {vals[0]:.3f} -> {vals[1]:.3f}; rollout reward by step: {curve}"
     n_steps = load(RunConfig, REPO / "configs/tiny_cpu.yaml").train.steps
     assert len(steps) == n_steps

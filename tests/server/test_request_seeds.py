@@ -35,3 +35,18 @@ def test_bounded_table_never_repeats_a_seed():
     given = _run(seeds, [([p], 0) for p in range(4)] + [([0], 0)] + [([p], 0) for p in range(10)])
     assert len(seeds.seen) <= 4 and seeds.epoch >= 2
     assert len(set(given)) == len(given)  # prompt 0 after the table emptied: a new epoch, a new seed
+
+
+def test_each_server_of_a_run_has_its_own_seed():
+    """The servers of one run (local or one per Slurm task) derive from different seeds."""
+    from megagym.config.loader import build
+    from megagym.config.schema import RunConfig
+    from megagym.launch.servers import server_overrides
+
+    def seed(cfg, index):
+        return [o for o in server_overrides(cfg, index) if o.startswith("seed=")]
+
+    cfg = build(RunConfig, {"run": {"seed": 7}, "model": {"hf_path": "m"}})
+    assert [seed(cfg, i) for i in range(3)] == [["seed=7"], ["seed=8"], ["seed=9"]]
+    cfg = build(RunConfig, {"run": {"seed": 7}, "model": {"hf_path": "m"}, "servers": {"settings": {"seed": 100}}})
+    assert seed(cfg, 1) == ["seed=101"]
