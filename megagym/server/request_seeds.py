@@ -9,8 +9,9 @@ on which other requests share each batch: arrival timing. That timing is the run
 a CPU run; with derived seeds two runs of one config on one server sample the same tokens (on GPU,
 where kernels are not batch-invariant, logits can still differ in the last bits).
 The count table holds one entry per (prompt) under the current weight version; a new version
-empties it, and a server that never changes version empties it after `max_prompts` prompts and
-starts a new epoch (part of the seed), so that no seed is given twice.
+empties it, and past `max_prompts` prompts under one version (65,536, a few MB) it empties and
+starts a new epoch (part of the seed): no seed is given twice, but which prompts count in which
+epoch then follows arrival order.
 Must not: touch requests that carry a `seed` (OpenAI semantics: the client's seed is used as given),
 or import vLLM or HTTP code.
 """
@@ -25,7 +26,7 @@ SEED_BITS = 62  # vLLM gives the children of an n > 1 request seed + index: stay
 
 
 class RequestSeeds:
-    def __init__(self, server_seed: int, max_prompts: int = 1 << 20) -> None:
+    def __init__(self, server_seed: int, max_prompts: int = 1 << 16) -> None:
         self.server_seed = int(server_seed)
         self.max_prompts = max_prompts
         self.version: int | None = None
