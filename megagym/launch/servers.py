@@ -1,8 +1,8 @@
 """The one way to start, wait for and stop the policy servers of a run on one machine.
 
 Owns: the `megagym serve` settings of a run (`server_overrides`: its model dtype, sampling guard,
-weight sync, a seed per server, then `servers.settings`, where the KV-cache size travels as `kv_cache_gib`), the GPU
-slice of each server (`gpu_slice`: vLLM tensor parallel = `servers.settings.tensor_parallel_size`
+weight sync, then `servers.settings`, where the KV-cache size travels as `kv_cache_gib`, and a seed
+per server), the GPU slice of each server (`gpu_slice`: vLLM tensor parallel = `servers.settings.tensor_parallel_size`
 devices each, taken in order from CUDA_VISIBLE_DEVICES), and `policy_servers(cfg, ...)`: start
 `servers.count` servers side by side (or pass `servers.urls` through), wait until each answers /health, yield
 their URLs, stop every one it started on the way out. Used by the local launcher (`megagym

@@ -13,9 +13,10 @@ in a bounded `TokenVersionLedger` (`app.state.token_versions`) under
 `generation_key(prompt_token_ids, generation_token_ids)`; `POST /megagym/token_versions`
 `{"keys": [hex, ...]}` answers `{"versions": [boundaries | null, ...]}` aligned to the keys, each
 record read once. With `request_seeds` on, a request without a `seed` is sampled under one derived
-from the server's seed, weight version and prompt (request_seeds.py: repeatable runs). `/health` also reports `requests_in_flight` (generation requests in the engine
-now) and `idle_seconds` (wall seconds since start with none in flight, counted up to now). Every refusal is a 4xx naming the field, and
-the order of checks keeps the work of a refused request small: body size (limits.py, before the
+from the server's seed, weight version and prompt (request_seeds.py: repeatable runs). `/health`
+also reports `requests_in_flight` (generation requests in the engine now) and `idle_seconds` (wall
+seconds since start with none in flight, counted up to now). Every refusal is a 4xx naming the
+field, and the order of checks keeps the work of a refused request small: body size (limits.py, before the
 body is read) -> JSON shape -> typed fields (protocol.py) -> message count and text length
 (limits.py) -> sampling guard -> rendering and the token fix -> engine.
 Must not: hold engine or weight-update logic (engine.py), implement the token fix (tokens.py),
