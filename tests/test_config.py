@@ -49,6 +49,18 @@ def test_wrong_types_name_the_field():
         build(Outer, {"inner": 3})
 
 
+def test_server_settings_are_checked_before_anything_starts():
+    """servers.settings pass through to `megagym serve`: a key or type it would refuse is refused at load."""
+    with pytest.raises(ConfigError, match=r"unknown key 'servers.settings.kv_cache_gb'; did you mean 'kv_cache_gib'"):
+        load(RunConfig, None, ["servers.settings.kv_cache_gb=1"])
+    with pytest.raises(ConfigError, match=r"servers.settings.seed: expected an integer, got 'abc'"):
+        load(RunConfig, None, ['servers.settings.seed="abc"'])
+    with pytest.raises(ConfigError, match=r"servers.settings.train_sampling.top_p: expected a number"):
+        load(RunConfig, None, ['servers.settings.train_sampling.top_p="x"'])
+    cfg = load(RunConfig, None, ["servers.settings.request_seeds=true", "servers.settings.train_sampling.top_p=1.0"])
+    assert cfg.servers.settings["request_seeds"] is True
+
+
 def test_malformed_override():
     with pytest.raises(ConfigError, match="key=value"):
         load(Outer, None, ["steps"])

@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from megagym.config.loader import build
 from megagym.gym.config import GymConfig
 from megagym.rollout.config import RolloutConfig, ValConfig
+from megagym.server.config import ServerConfig
 from megagym.trainer.config import CheckpointConfig, GRPOConfig, ModelConfig, OptimConfig, ParallelConfig
 
 
@@ -90,6 +92,8 @@ class ServersSection:
     def validate(self) -> None:
         if self.count < 1 or self.bucket_mb < 1:
             raise ValueError("count and bucket_mb must be >= 1")
+        # refused here, before anything starts, not by the first server: unknown keys, wrong types
+        build(ServerConfig, {"model": "(the run's model)", **self.settings}, prefix="servers.settings")
 
 
 @dataclass

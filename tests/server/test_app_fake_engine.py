@@ -50,7 +50,8 @@ class FakeLLM:
 def fake(tiny_qwen3, request):
     from transformers import AutoTokenizer
 
-    cfg = ServerConfig(model=str(tiny_qwen3), api_key="sekrit", tool_parser="hermes", request_seeds=getattr(request, "param", False))
+    cfg = ServerConfig(model=str(tiny_qwen3), api_key="sekrit", tool_parser="hermes",
+                       request_seeds=getattr(request, "param", False))  # indirect parametrization may set it
     llm = FakeLLM(AutoTokenizer.from_pretrained(str(tiny_qwen3)))
 
     async def factory(c):
@@ -389,7 +390,10 @@ def test_request_seeds_reach_the_engine(fake):
         assert r.status_code == 200, r.text
         return r.json()["choices"][0]["message"]["prompt_token_ids"]
 
-    prompt = [ask("a"), ask("a"), ask("b"), ask("a", seed=5)][0]
+    prompt = ask("a")
+    ask("a")
+    ask("b")
+    ask("a", seed=5)
     client.app.state.weight_version = 1
     ask("a")
     if not on:
