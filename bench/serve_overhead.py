@@ -13,7 +13,11 @@ tokenize only the tail after the last assistant message). Prints ms per call and
 megagym's fix without its match checks (tokens.py: token fields must match their messages) beside
 it, so the last column is what the checks cost.
 
-    .venv/bin/python bench/serve_overhead.py                  # both parts, defaults below
+Part 3 (`seeds`): part 1's load against `megagym serve` with `request_seeds=true` (every request
+sampled from its own derived seed: vLLM's per-request generators) and without, one at a time.
+Prints the same table (seeded / plain): what repeatable sampling costs on CPU.
+
+    .venv/bin/python bench/serve_overhead.py                  # all three parts, defaults below
     .venv/bin/python bench/serve_overhead.py fix              # only the fix cost
     .venv/bin/python bench/serve_overhead.py fix --cpu-time   # the same, timed in CPU time (shared machine)
     .venv/bin/python bench/serve_overhead.py serve --conversations 64 --turns 8 --max-tokens 16
@@ -113,21 +117,23 @@ def pct(values, p):
     return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
 
 
-def run_serve(args, model_dir):
+def run_serve(args, model_dir, pair=("megagym", "vLLM")):
+    """The same load against two servers, one at a time; prints them side by side (first / second)."""
     from megagym.server.process import ServerProcess, free_port
 
+    megagym = ["dtype=float32", f"max_model_len={args.max_model_len}", "kv_cache_gib=1"]
     results = {}
-    for name in (("vllm", "megagym") if args.vllm_first else ("megagym", "vllm")):
+    for name in (pair[::-1] if args.vllm_first else pair):
         port = free_port()
-        if name == "megagym":
-            srv = ServerProcess(str(model_dir), port=port, overrides=[
-                "dtype=float32", f"max_model_len={args.max_model_len}", "kv_cache_gib=1"])
-        else:
+        if name == "vLLM":
             srv = ServerProcess(str(model_dir), port=port, command=[
                 sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                 "--dtype", "float32", "--max-model-len", str(args.max_model_len), "--enforce-eager",
                 "--host", "127.0.0.1", "--port", str(port), "--enable-auto-tool-choice",
                 "--tool-call-parser", "hermes", "--disable-log-stats"])
+        else:
+            srv = ServerProcess(str(model_dir), port=port,
+                                overrides=megagym + (["request_seeds=true"] if name == "seeded" else []))
         print(f"[{name}] starting ...", flush=True)
         with srv:
             lat, errors, wall, (api_cpu, engine_cpu) = asyncio.run(drive(
@@ -138,18 +144,17 @@ def run_serve(args, model_dir):
                              mean=statistics.mean(lat), errors=len(errors), wall=wall,
                              api_ms=1000 * api_cpu / max(1, len(lat)), engine_ms=1000 * engine_cpu / max(1, len(lat)))
         print(f"[{name}] {results[name]}", flush=True)
-    m, v = results["megagym"], results["vllm"]
+    a, b = (results[k] for k in pair)
     print(f"\nserving: {args.conversations} concurrent conversations x {args.turns} turns, "
           f"{args.max_tokens} new tokens per call, tiny Qwen3 fp32 on CPU")
-    print(f"{'':12}{'megagym':>12}{'vLLM':>12}{'ratio':>10}")
-    print(f"{'requests/s':12}{m['rps']:12.2f}{v['rps']:12.2f}{m['rps'] / v['rps']:10.2f}")
-    print(f"{'p50 (s)':12}{m['p50']:12.3f}{v['p50']:12.3f}{m['p50'] / v['p50']:10.2f}")
-    print(f"{'p99 (s)':12}{m['p99']:12.3f}{v['p99']:12.3f}{m['p99'] / v['p99']:10.2f}")
-    print(f"{'API CPU ms/req':12}{m['api_ms']:10.1f}{v['api_ms']:12.1f}{m['api_ms'] / v['api_ms']:10.2f}"
-          "   (HTTP server process: parsing, template, tokenizer, detokenizer, parsers)")
-    print(f"{'engine CPU ms/req':12}{m['engine_ms']:7.1f}{v['engine_ms']:12.1f}{m['engine_ms'] / v['engine_ms']:10.2f}"
-          "   (EngineCore / worker processes)")
-    print(f"{'errors':12}{m['errors']:12d}{v['errors']:12d}")
+    print(f"{'':18}{pair[0]:>10}{pair[1]:>10}{'ratio':>10}")
+    rows = [("requests/s", "rps", "{:10.2f}"), ("p50 (s)", "p50", "{:10.3f}"), ("p99 (s)", "p99", "{:10.3f}"),
+            ("API CPU ms/req", "api_ms", "{:10.1f}"), ("engine CPU ms/req", "engine_ms", "{:10.1f}")]
+    for label, key, fmt in rows:
+        print(f"{label:18}{fmt.format(a[key])}{fmt.format(b[key])}{a[key] / b[key]:10.2f}")
+    print(f"{'errors':18}{a['errors']:10d}{b['errors']:10d}")
+    print("(API: the HTTP server process: parsing, template, tokenizer, detokenizer, parsers; "
+          "engine: EngineCore / worker processes)")
     return results
 
 
@@ -235,23 +240,27 @@ def run_fix(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", nargs="?", choices=["all", "serve", "fix"], default="all")
+    p.add_argument("part", nargs="?", choices=["all", "serve", "fix", "seeds"], default="all")
     p.add_argument("--conversations", type=int, default=64)
     p.add_argument("--turns", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--vllm-first", action="store_true", help="run vLLM's server first (order check)")
+    p.add_argument("--vllm-first", action="store_true", help="run the second server of the pair first (order check)")
     p.add_argument("--history", type=int, nargs="*", default=[1000, 4000, 8000, 16000, 32000])
     p.add_argument("--cpu-time", action="store_true",
                    help="fix part: time the calling thread's CPU time (steadier than wall-clock on a shared machine)")
     args = p.parse_args(argv)
     if args.part in ("all", "fix"):
         run_fix(args)
-    if args.part in ("all", "serve"):
+    if args.part in ("all", "serve", "seeds"):
         from megagym.testing.tiny_qwen3 import write_tiny_qwen3
 
         with tempfile.TemporaryDirectory() as d:
-            run_serve(args, write_tiny_qwen3(Path(d) / "tiny", seed=0))
+            model = write_tiny_qwen3(Path(d) / "tiny", seed=0)
+            if args.part in ("all", "serve"):
+                run_serve(args, model)
+            if args.part in ("all", "seeds"):
+                run_serve(args, model, pair=("seeded", "megagym"))
 
 
 if __name__ == "__main__":

@@ -57,6 +57,13 @@ def engine_args(cfg: ServerConfig):
     )
     if has_cuda():
         kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+    else:
+        # When chunked prefill cuts a prompt, vLLM discards the token sampled at the cut and rewinds
+        # a seeded request's generator by its offset (`Generator.set_offset`), which torch's CPU
+        # generator does not have: one seeded request cut that way kills the CPU engine ("CPU
+        # Generator does not use offset"). Seeds come from `request_seeds` and from clients, so on
+        # CPU prompts are prefilled whole (vLLM then budgets at least max_model_len tokens a step).
+        kwargs["enable_chunked_prefill"] = False
     if cfg.weight_sync:
         from megagym.weights.sync.engine_side import engine_kwargs
 

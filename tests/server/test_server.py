@@ -273,6 +273,24 @@ def test_tools_render_as_the_client_wrote_them(client, tok):
     assert r.status_code == 200 and r.json()["tokens"] == expected
 
 
+def test_a_seeded_request_longer_than_one_prefill_step_keeps_the_cpu_engine_alive(policy_server):
+    """vLLM rewinds a seeded request's generator when chunked prefill cuts its prompt, which torch's
+    CPU generator cannot do: before engine.py prefilled prompts whole on CPU, this ~3,000-token
+    prompt (vLLM's default step budget is 2,048 tokens) killed the engine ("CPU Generator does not
+    use offset"). It is sampled twice, the same both times, and the server still answers."""
+    url = f"{policy_server.base_url}/v1/chat/completions"
+    body = {"messages": [{"role": "user", "content": "count" + " word" * 3000}], "max_tokens": 8, "seed": 5,
+            "logprobs": True, "return_tokens_as_token_ids": True}
+    answers = []
+    for _ in range(2):
+        r = httpx.post(url, json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        answers.append(r.json()["choices"][0]["message"])
+    assert len(answers[0]["prompt_token_ids"]) > 2048
+    assert answers[0]["generation_token_ids"] == answers[1]["generation_token_ids"]
+    assert httpx.get(f"{policy_server.base_url}/health", timeout=30).status_code == 200
+
+
 def test_a_seeded_request_samples_the_same_among_other_requests(policy_server):
     """What derived request seeds (request_seeds.py) rely on: a seeded request draws from its own
     generator, so its sample does not depend on which requests share the engine's batches. The
