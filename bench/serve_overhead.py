@@ -125,8 +125,8 @@ def run_serve(args, model_dir, pair=("megagym", "vLLM")):
     results = {}
     for name in (pair[::-1] if args.vllm_first else pair):
         port = free_port()
-        if name == "vLLM":
-            srv = ServerProcess(str(model_dir), port=port, command=[
+        if name == "vLLM":  # the same 1 GiB KV cache as megagym's kv_cache_gib=1 (else vLLM wants 92% of RAM free)
+            srv = ServerProcess(str(model_dir), port=port, env={"VLLM_CPU_KVCACHE_SPACE": "1"}, command=[
                 sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                 "--dtype", "float32", "--max-model-len", str(args.max_model_len), "--enforce-eager",
                 "--host", "127.0.0.1", "--port", str(port), "--enable-auto-tool-choice",
