@@ -261,9 +261,9 @@ def part_packing(dirs: dict, n: int, steps: int) -> None:
     for model in PACKING_MODELS:
         r = run_child("packing", {"hf": str(dirs[model]), "n": n, "steps": steps})
         tok = r["tokens"]
-        layers = MODELS[model]["num_hidden_layers"]
-        print(f"model {model} ({layers} layers of width 256; head {100 * head_share(MODELS[model]):.0f}% of the matmul "
-              f"weights); length-skewed batch: {n} samples, lengths log-uniform in [32, 1024], {tok} tokens; "
+        m = MODELS[model]
+        print(f"model {model} ({m['num_hidden_layers']} layers of width {m['hidden_size']}; "
+              f"head {100 * head_share(m):.0f}% of the matmul weights); length-skewed batch: {n} samples, lengths log-uniform in [32, 1024], {tok} tokens; "
               f"budget {BUDGET}; median of {steps} interleaved steps; load average {os.getloadavg()[0]:.1f}")
         print(f"{'':30s}{'micro-batches':>14s}{'padding':>9s}{'step s':>9s}{'tokens/s':>10s}{'vs packed':>10s}"
               f"{'loss':>14s}")
