@@ -77,8 +77,9 @@ class ServersSection:
                `megagym train` starts `count` servers on this machine and stops them at the end.
     settings   `megagym serve` settings (megagym.server.config.ServerConfig fields, checked at
                load) for local servers, e.g. {kv_cache_gib: 1, max_model_len: 2048}; model,
-               sampling and weight_sync are filled from the run. `settings.api_key` makes every server require that bearer key;
-               the run then sends it everywhere (Gym's policy_api_key, weight sync, model lookup).
+               sampling and weight_sync are filled from the run. `settings.api_key` makes every
+               server require that bearer key; the run then sends it everywhere (Gym's
+               policy_api_key, weight sync, model lookup).
     """
 
     urls: list[str] = field(default_factory=list)
